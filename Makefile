@@ -1,0 +1,35 @@
+# The two Quickstart commands: `make dev` runs the stack, `make test` runs the tests.
+# Both create .venv on first use and refresh it whenever pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: dev test lint bench clean
+
+$(BIN)/runners-orchestrator: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## Run the main job (for now: one runner server on http://127.0.0.1:3001/api/runner).
+dev: $(BIN)/runners-orchestrator
+	$(BIN)/runners-orchestrator runner-server --port 3001 --region us-east-1
+
+## Run the test suite.
+test: $(BIN)/runners-orchestrator
+	$(BIN)/pytest
+
+## Lint, format check and type check, as CI does.
+lint: $(BIN)/runners-orchestrator
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Measure the runner server's throughput (see docs/benchmarks.md).
+bench: $(BIN)/runners-orchestrator
+	$(BIN)/python bench/runner_server_rps.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

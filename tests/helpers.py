@@ -1,0 +1,177 @@
+"""Real servers on 127.0.0.1 for the tests: a page server and in-thread ASGI servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import uvicorn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+CLI = [sys.executable, "-m", "runners_orchestrator.cli"]
+"""The command line as a user runs it, in this interpreter's environment."""
+
+PAGES: dict[str, str] = {
+    "/banner-visible": (
+        "<html><head><title>Shop</title></head><body>"
+        '<div class="cookie-banner">We use cookies</div></body></html>'
+    ),
+    "/banner-data-attribute": (
+        "<html><head><title>Shop</title></head><body>"
+        '<section data-cookie-banner="v2">Cookies?</section></body></html>'
+    ),
+    "/banner-missing": "<html><head><title>Plain</title></head><body><p>hi</p></body></html>",
+    "/banner-hidden-attribute": '<html><body><div id="cookie-banner" hidden>c</div></body></html>',
+    "/banner-display-none": (
+        '<html><body><div class="cookie-banner" style="color: red; DISPLAY:none">c</div>'
+        "</body></html>"
+    ),
+    "/banner-visibility-hidden": (
+        '<html><body><div class="cookie-banner" style="visibility: hidden">c</div></body></html>'
+    ),
+    "/banner-hidden-parent": (
+        '<html><body><div style="display:none"><div class="cookie-banner">c</div></div>'
+        "</body></html>"
+    ),
+    "/title": "<html><head><title>  Peer   Test Page </title></head><body></body></html>",
+    "/title-empty": "<html><head><title>   </title></head><body></body></html>",
+    "/title-missing": "<html><head></head><body><h1>No title</h1></body></html>",
+}
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        if parts.path == "/redirect":
+            self._send(302, b"", {"Location": query["to"][0]})
+        elif parts.path == "/slow":
+            time.sleep(float(query.get("s", ["2"])[0]))
+            self._send(200, PAGES["/title"].encode())
+        elif parts.path == "/big":
+            self._send(200, b"<html>" + b"x" * int(query["n"][0]) + b"</html>")
+        elif parts.path == "/status":
+            self._send(int(query["code"][0]), b"<html><title>err</title></html>")
+        elif parts.path in PAGES:
+            self._send(200, PAGES[parts.path].encode())
+        else:
+            self._send(404, b"not found")
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+class PageServer:
+    """A threaded HTTP server of test pages, bound to one loopback address."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._server = ThreadingHTTPServer((host, 0), _PageHandler)
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_app(app: Callable[..., Any], host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a real socket in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            msg = "uvicorn did not start within 10s"
+            raise RuntimeError(msg)
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Poll ``url`` until it answers 200; fail early with its stderr if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else ""
+            msg = f"process exited with {process.returncode}: {stderr}"
+            raise RuntimeError(msg)
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    msg = f"{url} did not answer within {timeout}s"
+    raise RuntimeError(msg)
+
+
+@contextlib.contextmanager
+def cli_process(*args: str, health_url: str) -> Iterator[subprocess.Popen[str]]:
+    """Start ``runners-orchestrator ARGS`` and stop it with SIGTERM afterwards."""
+    process = subprocess.Popen(
+        [*CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_until_healthy(health_url, process)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

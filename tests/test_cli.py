@@ -1,0 +1,90 @@
+"""The command line, run as a user runs it: a real process on real ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import httpx
+import pytest
+
+from helpers import CLI, cli_process, free_port
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_runner_server_command_serves_the_contract(cli_runner_server, pages):
+    health = httpx.get(f"{cli_runner_server}/api/runner/health").json()
+    assert health == {"status": "ok", "region": "us-east-1", "inFlight": 0, "capacity": 4}
+    response = httpx.post(
+        f"{cli_runner_server}/api/runner/execute",
+        json={"url": pages.url("/banner-visible"), "runners": ["cookieBannerVisibleTest"]},
+    )
+    assert response.json()["results"][0]["status"] == "pass"
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "runner-server" in result.stdout
+    result = run_cli("runner-server", "--help")
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--region", "--capacity", "--deny", "--allow"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["runner-server", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["runner-server", "--port", "http"],
+            "argument --port: expected a port number, got 'http'",
+        ),
+        (["runner-server", "--capacity", "0"], "expected a number of at least 1, got 0"),
+        (["runner-server", "--deny", "intranet"], "deny: 'intranet' is not an address range"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("runners-orchestrator")
+    assert message in lines[0]
+
+
+def test_port_in_use_is_one_line_naming_the_flag():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("runner-server", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"runners-orchestrator: error: port {port} on 127.0.0.1 is already in use; "
+        "choose another with --port"
+    )
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_sigterm_stops_the_runner_server_cleanly():
+    port = free_port()
+    health = f"http://127.0.0.1:{port}/api/runner/health"
+    with cli_process("runner-server", "--port", str(port), health_url=health) as process:
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert process.wait(timeout=15) in {0, -signal.SIGTERM}
+        assert "Application shutdown complete" in process.stderr.read()  # type: ignore[union-attr]

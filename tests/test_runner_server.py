@@ -1,0 +1,366 @@
+"""The runner server over a real socket: built-in runners, errors, timeouts, capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from helpers import free_port, serve_app
+from runners_orchestrator import RunnerResult
+from runners_orchestrator.runner_server import (
+    RunnerContext,
+    RunnerRegistry,
+    RunnerServerConfig,
+    create_runner_app,
+    default_registry,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from helpers import PageServer
+
+
+async def execute(client: httpx.AsyncClient, base: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return await client.post(f"{base}/api/runner/execute", json=body, **kwargs)
+
+
+async def one_result(client: httpx.AsyncClient, base: str, url: str, runner: str) -> dict[str, Any]:
+    response = await execute(client, base, {"url": url, "runners": [runner]})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["name"] == runner
+    assert isinstance(result["durationMs"], int)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("path", "selector"),
+    [("/banner-visible", ".cookie-banner"), ("/banner-data-attribute", "[data-cookie-banner]")],
+)
+async def test_visible_cookie_banner_passes(client, runner_url, pages: PageServer, path, selector):
+    result = await one_result(client, runner_url, pages.url(path), "cookieBannerVisibleTest")
+    assert result["status"] == "pass"
+    assert result["details"] == {"visible": True, "selector": selector, "elementCount": 1}
+
+
+async def test_missing_cookie_banner_fails(client, runner_url, pages: PageServer):
+    url = pages.url("/banner-missing")
+    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    assert result["status"] == "fail"
+    assert result["details"] == {"visible": False, "elementCount": 0}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/banner-hidden-attribute",
+        "/banner-display-none",
+        "/banner-visibility-hidden",
+        "/banner-hidden-parent",
+    ],
+)
+async def test_hidden_cookie_banner_fails(client, runner_url, pages: PageServer, path):
+    result = await one_result(client, runner_url, pages.url(path), "cookieBannerVisibleTest")
+    assert result["status"] == "fail"
+    assert result["details"] == {"visible": False, "elementCount": 1}
+
+
+async def test_title_present_passes_with_its_text(client, runner_url, pages: PageServer):
+    result = await one_result(client, runner_url, pages.url("/title"), "exampleTitleVisibleTest")
+    assert result == {
+        "name": "exampleTitleVisibleTest",
+        "status": "pass",
+        "details": {"title": "Peer Test Page"},
+        "durationMs": result["durationMs"],
+    }
+
+
+@pytest.mark.parametrize("path", ["/title-empty", "/title-missing"])
+async def test_empty_or_missing_title_fails(client, runner_url, pages: PageServer, path):
+    result = await one_result(client, runner_url, pages.url(path), "exampleTitleVisibleTest")
+    assert result["status"] == "fail"
+    assert result["details"] == {"title": ""}
+
+
+async def test_unreachable_url_is_an_error_result(client, runner_url):
+    url = f"http://127.0.0.1:{free_port()}/"
+    result = await one_result(client, runner_url, url, "exampleTitleVisibleTest")
+    assert result["status"] == "error"
+    assert result["errorMessage"].startswith(f"could not fetch {url}")
+
+
+async def test_page_answering_5xx_is_an_error_result(client, runner_url, pages: PageServer):
+    url = pages.url("/status?code=503")
+    result = await one_result(client, runner_url, url, "exampleTitleVisibleTest")
+    assert result["status"] == "error"
+    assert result["errorMessage"] == f"{url} answered HTTP 503"
+
+
+async def test_runners_run_concurrently_in_request_order(client, runner_url, pages: PageServer):
+    body = {
+        "runners": [
+            {"name": "exampleTitleVisibleTest", "input": {"url": pages.url("/slow?s=1")}},
+            {"name": "cookieBannerVisibleTest", "input": {"url": pages.url("/banner-visible")}},
+            {"name": "exampleTitleVisibleTest", "input": {"url": pages.url("/slow?s=1")}},
+        ],
+        "runId": "run-42",
+    }
+    started = asyncio.get_running_loop().time()
+    response = await execute(client, runner_url, body)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert response.status_code == 200
+    data = response.json()
+    assert data["runId"] == "run-42"
+    assert data["region"] == "us-east-1"
+    assert [r["status"] for r in data["results"]] == ["pass", "pass", "pass"]
+    assert [r["name"] for r in data["results"]] == [
+        "exampleTitleVisibleTest",
+        "cookieBannerVisibleTest",
+        "exampleTitleVisibleTest",
+    ]
+    # Two one-second pages side by side, not one after the other.
+    assert elapsed < 1.9
+
+
+async def test_top_level_url_wins_over_runner_input(client, runner_url, pages: PageServer):
+    body = {
+        "url": pages.url("/banner-visible"),
+        "input": {"url": pages.url("/banner-missing")},
+        "runners": [{"name": "cookieBannerVisibleTest", "input": {"url": "http://127.0.0.1:1/"}}],
+    }
+    response = await execute(client, runner_url, body)
+    assert response.json()["results"][0]["status"] == "pass"
+
+
+async def test_run_id_is_echoed_only_when_sent(client, runner_url, pages: PageServer):
+    response = await execute(
+        client, runner_url, {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
+    )
+    assert "runId" not in response.json()
+
+
+async def test_non_http_url_is_bad_request(client, runner_url):
+    response = await execute(
+        client, runner_url, {"url": "file:///etc/passwd", "runners": ["exampleTitleVisibleTest"]}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == "BAD_REQUEST"
+    (issue,) = body["data"]["issues"]
+    assert issue["path"] == ["url"]
+    assert issue["code"] == "invalid_format"
+    assert "use http or https" in issue["message"]
+
+
+async def test_unknown_runner_is_404_and_nothing_runs(client, runner_url, pages: PageServer):
+    body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest", "noSuchRunner"]}
+    response = await execute(client, runner_url, body)
+    assert response.status_code == 404
+    assert response.json() == {
+        "defined": True,
+        "code": "RUNNER_NOT_FOUND",
+        "status": 404,
+        "message": "One or more runners not found",
+        "data": {
+            "missingRunners": ["noSuchRunner"],
+            "availableRunners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+        },
+    }
+
+
+async def test_invalid_runner_input_is_400(client, runner_url):
+    body = {"runners": [{"name": "exampleTitleVisibleTest", "input": {"url": "not a url"}}]}
+    response = await execute(client, runner_url, body)
+    assert response.status_code == 400
+    data = response.json()
+    assert data["code"] == "INPUT_VALIDATION_FAILED"
+    assert data["data"]["runnerName"] == "exampleTitleVisibleTest"
+    assert data["data"]["issues"][0]["path"] == ["url"]
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "code"),
+    [
+        ({"url": "http://127.0.0.1/", "runners": []}, ["runners"], "too_small"),
+        ({"url": "http://127.0.0.1/"}, ["runners"], "invalid_type"),
+        ({"runners": [5]}, ["runners", 0], "invalid_type"),
+        ([1, 2], [], "invalid_type"),
+    ],
+)
+async def test_invalid_body_is_bad_request_with_issues(client, runner_url, body, path, code):
+    response = await execute(client, runner_url, body)
+    assert response.status_code == 400
+    data = response.json()
+    assert (data["defined"], data["code"], data["status"]) == (False, "BAD_REQUEST", 400)
+    assert data["message"] == "Input validation failed"
+    assert {"path": path, "code": code} in [
+        {"path": i["path"], "code": i["code"]} for i in data["data"]["issues"]
+    ]
+
+
+@pytest.mark.parametrize("raw", [b'{"url": ', b"", b"\xff\xfe", b"null x"])
+async def test_malformed_json_is_bad_request(client, runner_url, raw):
+    response = await client.post(f"{runner_url}/api/runner/execute", content=raw)
+    assert response.status_code == 400
+    assert response.json()["code"] == "BAD_REQUEST"
+    assert response.json()["message"].startswith("Malformed request.")
+
+
+async def test_orpc_json_wrapper_and_missing_content_type(client, runner_url, pages: PageServer):
+    body = {"json": {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}}
+    response = await client.post(
+        f"{runner_url}/api/runner/execute", content=json.dumps(body).encode()
+    )
+    assert response.status_code == 200
+    assert response.json()["results"][0]["status"] == "pass"
+
+
+async def test_oversized_body_is_413_in_the_envelope(client, pages: PageServer):
+    app = create_runner_app(RunnerServerConfig(max_body_size=1000))
+    with serve_app(app) as base:
+        body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"] * 200}
+        response = await execute(client, base, body)
+    assert response.status_code == 413
+    assert response.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_oversized_page_is_an_error_result(client, pages: PageServer):
+    app = create_runner_app(RunnerServerConfig(max_page_bytes=10_000))
+    with serve_app(app) as base:
+        url = pages.url("/big?n=50000")
+        result = await one_result(client, base, url, "exampleTitleVisibleTest")
+    assert result["status"] == "error"
+    assert "larger than 10000 bytes" in result["errorMessage"]
+
+
+def _registry_with_test_runners() -> RunnerRegistry:
+    registry = default_registry()
+
+    @registry.register("hangs")
+    async def hangs(ctx: RunnerContext) -> RunnerResult:
+        await asyncio.sleep(3600)
+        return RunnerResult(name=ctx.name, status="pass")  # pragma: no cover
+
+    @registry.register("raises")
+    async def raises(ctx: RunnerContext) -> RunnerResult:
+        msg = f"boom on {ctx.url}"
+        raise ZeroDivisionError(msg)
+
+    @registry.register("wrongType")
+    async def wrong_type(ctx: RunnerContext) -> RunnerResult:
+        return {"status": "pass"}  # type: ignore[return-value]
+
+    @registry.register("usesInput")
+    async def uses_input(ctx: RunnerContext) -> RunnerResult:
+        return RunnerResult(name="ignored", status="pass", details={"seen": ctx.input})
+
+    return registry
+
+
+@pytest.fixture(scope="module")
+def custom_runner_url():
+    config = RunnerServerConfig(registry=_registry_with_test_runners(), runner_timeout=0.5)
+    with serve_app(create_runner_app(config)) as url:
+        yield url
+
+
+async def test_runner_timeout_is_an_error_and_server_stays_up(client, custom_runner_url, pages):
+    body = {"url": pages.url("/title"), "runners": ["hangs", "exampleTitleVisibleTest"]}
+    response = await execute(client, custom_runner_url, body)
+    assert response.status_code == 200
+    hung, title = response.json()["results"]
+    assert hung["status"] == "error"
+    assert hung["errorMessage"] == "runner hangs timed out after 0.5s"
+    assert 450 <= hung["durationMs"] < 2000
+    assert title["status"] == "pass"
+    health = await client.get(f"{custom_runner_url}/api/runner/health")
+    assert health.json()["inFlight"] == 0
+
+
+async def test_slow_page_times_out_within_the_runner_timeout(client, custom_runner_url, pages):
+    result = await one_result(
+        client, custom_runner_url, pages.url("/slow?s=3"), "exampleTitleVisibleTest"
+    )
+    assert result["status"] == "error"
+    assert result["durationMs"] < 1500
+
+
+async def test_raising_runner_is_an_error_result(client, custom_runner_url, pages):
+    body = {"url": pages.url("/title"), "runners": ["raises", "wrongType"]}
+    response = await execute(client, custom_runner_url, body)
+    raised, wrong = response.json()["results"]
+    assert raised == {
+        "name": "raises",
+        "status": "error",
+        "errorMessage": f"ZeroDivisionError: boom on {pages.url('/title')}",
+        "durationMs": raised["durationMs"],
+    }
+    assert wrong["status"] == "error"
+    assert wrong["errorMessage"] == "runner returned dict, expected a RunnerResult"
+
+
+async def test_runner_input_is_merged_and_result_named_as_requested(client, custom_runner_url):
+    body = {
+        "url": "http://127.0.0.1:9/x",
+        "input": {"a": 1, "b": 1},
+        "runners": [{"name": "usesInput", "input": {"b": 2}}],
+    }
+    response = await execute(client, custom_runner_url, body)
+    (result,) = response.json()["results"]
+    assert result["name"] == "usesInput"
+    assert result["details"] == {"seen": {"a": 1, "b": 2, "url": "http://127.0.0.1:9/x"}}
+
+
+async def test_over_capacity_answers_429_with_retry_after(client, pages: PageServer):
+    app = create_runner_app(RunnerServerConfig(capacity=2, retry_after=3))
+    with serve_app(app) as base:
+        body = {"url": pages.url("/slow?s=1"), "runners": ["exampleTitleVisibleTest"]}
+        responses = await asyncio.gather(*(execute(client, base, body) for _ in range(8)))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= 2
+        assert statuses.count(429) >= 1
+        assert set(statuses) <= {200, 429}
+        for response in responses:
+            if response.status_code == 429:
+                assert response.headers["Retry-After"] == "3"
+                assert response.json()["code"] == "TOO_MANY_REQUESTS"
+                assert response.json()["data"]["capacity"] == 2
+        # Errors count too: a burst of bad requests must not leak a slot.
+        bad = await asyncio.gather(*(execute(client, base, {"runners": []}) for _ in range(4)))
+        assert {r.status_code for r in bad} <= {400, 429}
+        health = (await client.get(f"{base}/api/runner/health")).json()
+    assert health == {"status": "ok", "inFlight": 0, "capacity": 2}
+
+
+async def test_health_reports_in_flight_live(client, pages: PageServer):
+    app = create_runner_app(RunnerServerConfig(region="eu-west-1", capacity=5))
+    with serve_app(app) as base:
+        body = {"url": pages.url("/slow?s=1"), "runners": ["exampleTitleVisibleTest"]}
+        pending = [asyncio.create_task(execute(client, base, body)) for _ in range(3)]
+        await asyncio.sleep(0.4)
+        during = (await client.get(f"{base}/api/runner/health")).json()
+        await asyncio.gather(*pending)
+        after = (await client.get(f"{base}/api/runner/health")).json()
+    assert during == {"status": "ok", "region": "eu-west-1", "inFlight": 3, "capacity": 5}
+    assert after["inFlight"] == 0
+
+
+async def test_info_lists_runners_with_usage(client, runner_url):
+    response = await client.get(f"{runner_url}/api/runner/info")
+    assert response.json() == {
+        "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+        "count": 2,
+        "region": "us-east-1",
+        "usage": {
+            "method": "POST",
+            "endpoint": "/api/runner/execute",
+            "example": {
+                "url": "https://example.com",
+                "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+            },
+        },
+    }

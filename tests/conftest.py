@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import os
 from typing import TYPE_CHECKING
 
 import httpx
@@ -40,3 +42,46 @@ def cli_runner_server() -> Iterator[str]:
     args = ("runner-server", "--port", str(port), "--region", "us-east-1", "--capacity", "4")
     with cli_process(*args, health_url=f"{base}/api/runner/health"):
         yield base
+
+
+# Prefect's SQLite server meets "database is locked" from its own background services;
+# the tests need none of these (runs are started directly, nothing is scheduled).
+QUIET_PREFECT_SERVER = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CLEANUP_RECONCILER_ENABLED": "false",
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real temporary Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness  # noqa: PLC0415 - slow import
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in QUIET_PREFECT_SERVER.items():
+            patch.setenv(key, value)
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test reads settings anew, from its own environment."""
+    from runners_orchestrator.settings import get_settings  # noqa: PLC0415
+
+    for key in list(os.environ):
+        if key.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(key)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+logging.getLogger("httpx").setLevel(logging.WARNING)

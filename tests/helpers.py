@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -119,7 +120,7 @@ def serve_app(app: Callable[..., Any], host: str = "127.0.0.1") -> Iterator[str]
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
@@ -175,3 +176,72 @@ def cli_process(*args: str, health_url: str) -> Iterator[subprocess.Popen[str]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class ScriptedRunnerServer:
+    """A runner server whose answers a test scripts, for what a real one will not do.
+
+    Our runner server never answers 500 or hangs on purpose, and the TypeScript server cannot
+    run here (no network to fetch it); this ASGI app replays the behaviours recorded in
+    shared/TS-CONTRACT.md and the failures a test needs, on a real socket. It counts every
+    execute request it receives.
+    """
+
+    def __init__(self, region: str = "us-east-1", *, health: bool = True) -> None:
+        self.region = region
+        self.health = health
+        self.execute_calls = 0
+        self.answers: list[tuple[int, Any, dict[str, str]]] = []
+        """Queued (status, body, headers) answers; "hang" as body never answers."""
+        self.default: tuple[int, Any, dict[str, str]] | None = None
+
+    def then(self, status: int, body: Any, headers: dict[str, str] | None = None) -> Self:
+        self.answers.append((status, body, headers or {}))
+        return self
+
+    def always(self, status: int, body: Any, headers: dict[str, str] | None = None) -> Self:
+        self.default = (status, body, headers or {})
+        return self
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if path.endswith("/health") and self.health:
+            body = {"status": "ok", "region": self.region, "inFlight": 0, "capacity": 10}
+            await self._send(send, 200, body, {})
+        elif path.endswith("/info"):
+            await self._send(send, 200, {"runners": [], "count": 0, "region": self.region}, {})
+        elif path.endswith("/execute"):
+            while (await receive()).get("more_body"):
+                pass
+            self.execute_calls += 1
+            status, body, headers = self.answers.pop(0) if self.answers else self.default  # type: ignore[misc]
+            if body == "hang":
+                await asyncio.Event().wait()
+            await self._send(send, status, body, headers)
+        else:
+            await self._send(send, 404, "Not found", {})
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: Any, headers: dict[str, str]) -> None:
+        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        kind = b"text/plain" if isinstance(body, str) else b"application/json"
+        header_list = [(b"content-type", kind)] + [
+            (k.lower().encode(), v.encode()) for k, v in headers.items()
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": header_list})
+        await send({"type": "http.response.body", "body": raw})
+
+
+def ts_results(*names_and_status: tuple[str, str]) -> dict[str, Any]:
+    """A 200 body as the TypeScript server gives it: results named after *its* runners."""
+    return {
+        "region": "us-east-1",
+        "results": [
+            {"name": name, "status": status, "durationMs": 5} for name, status in names_and_status
+        ],
+    }

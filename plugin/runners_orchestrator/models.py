@@ -10,7 +10,7 @@ This module imports nothing else of ours: every other layer depends on it.
 
 from __future__ import annotations
 
-from datetime import datetime  # noqa: TC003 - pydantic needs it at run time
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -25,6 +25,7 @@ __all__ = [
     "HttpUrl",
     "JobResult",
     "JobState",
+    "OrchestrateOptions",
     "RunSummary",
     "RunnerInfo",
     "RunnerJob",
@@ -97,6 +98,21 @@ class RunnerJob(WireModel):
     """Extra input passed to every runner (``url`` is always the job's URL)."""
     timeout: int | None = Field(default=None, gt=0)
     """Per-job timeout in milliseconds, as in the TypeScript contract."""
+
+
+class OrchestrateOptions(WireModel):
+    """Keyword options of an orchestration; unset fields take the operator's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    region: str | None = None
+    """Run every job without a region of its own in this region."""
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    """Jobs in flight at once (a sliding window, not fixed batches)."""
+    load_balancer: str | None = None
+    """Balancer type for this run: least-load, round-robin, random, weighted, ..."""
+    timeout: int | None = Field(default=None, gt=0)
+    """Per-job timeout in milliseconds, retries and failover included."""
 
 
 class RunnerResult(WireModel):

@@ -1,0 +1,247 @@
+"""Which runner servers exist, and which of them are healthy right now.
+
+A registry lists servers (:class:`Registry`); :class:`HealthChecker` probes their
+``/health`` concurrently with a short timeout and keeps failing servers out for a while,
+the way Envoy ejects outliers: a server that refuses connections or answers not-ok is
+skipped for ``ejection_seconds`` times the number of consecutive ejections (capped), then
+probed again. Ejection state is per process: every flow process learns on its own, which
+costs at most one failed probe per server per ejection period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import httpx
+from pydantic import BaseModel, Field
+
+from runners_orchestrator._plugins import load_named
+from runners_orchestrator.exceptions import ConfigurationError
+from runners_orchestrator.settings import RegistryConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "AvailableServer",
+    "HealthChecker",
+    "InMemoryRegistry",
+    "Registry",
+    "ServerPool",
+    "UnavailableServer",
+    "registry_from_config",
+]
+
+REGISTRY_ENTRY_POINTS = "runners_orchestrator.registries"
+MAX_EJECTION_MULTIPLIER = 10
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Lists the runner servers. Implement it to read them from DNS, a database, ..."""
+
+    async def servers(self) -> Sequence[ServerConfig]:
+        """Return every known server (healthy or not)."""
+        ...
+
+
+@dataclass(frozen=True)
+class InMemoryRegistry:
+    """The servers listed in settings (``registry.servers``)."""
+
+    configured: tuple[ServerConfig, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: RegistryConfig) -> InMemoryRegistry:
+        """Build from the ``registry`` setting."""
+        return cls(tuple(config.servers))
+
+    async def servers(self) -> Sequence[ServerConfig]:
+        """Return the configured servers."""
+        return self.configured
+
+
+def registry_from_config(config: RegistryConfig) -> Registry:
+    """Build the registry the ``type`` of ``config`` names.
+
+    Raises:
+        ConfigurationError: unknown type, or the type does not build a :class:`Registry`.
+    """
+    factory = load_named(
+        "registry type", config.type, {"in-memory": InMemoryRegistry}, REGISTRY_ENTRY_POINTS
+    )
+    build = getattr(factory, "from_config", factory)
+    registry = build(config)
+    if not isinstance(registry, Registry):
+        raise ConfigurationError(
+            f"registry type {config.type!r} built {type(registry).__name__}, "
+            "which has no async servers() method"
+        )
+    return registry
+
+
+class AvailableServer(BaseModel):
+    """A healthy server as a probe saw it: its configuration and its load at that moment."""
+
+    server: ServerConfig
+    in_flight: int = Field(default=0, ge=0, description="Requests in flight it reported.")
+    capacity: int = Field(ge=1, description="Capacity it reported (or the configured one).")
+    local_at_probe: int = Field(
+        default=0, ge=0, description="Requests this process had in flight to it at probe time."
+    )
+
+    @property
+    def id(self) -> str:
+        """The server's id."""
+        return self.server.id
+
+    @property
+    def region(self) -> str | None:
+        """The server's region."""
+        return self.server.region
+
+
+class UnavailableServer(BaseModel):
+    """A registered server left out of a lookup, and why."""
+
+    id: str
+    region: str | None = None
+    reason: str
+
+
+class ServerPool(BaseModel):
+    """The result of a lookup: the healthy servers, and why the others were left out."""
+
+    region: str | None = None
+    available: list[AvailableServer] = Field(default_factory=list)
+    unavailable: list[UnavailableServer] = Field(default_factory=list)
+
+    def in_region(self, region: str | None) -> list[AvailableServer]:
+        """Servers a job of ``region`` may use: all of them when ``region`` is unset."""
+        if region is None:
+            return list(self.available)
+        return [s for s in self.available if s.region == region]
+
+    def why_none(self, region: str | None) -> str:
+        """Explain why no server can take a job of ``region``."""
+        where = f"in region {region!r}" if region else "in any region"
+        left_out = [u for u in self.unavailable if region is None or u.region == region]
+        if not left_out:
+            return f"no runner server is registered {where}; add one to the registry setting"
+        detail = "; ".join(f"{u.id}: {u.reason}" for u in left_out)
+        return f"no healthy runner server {where} ({detail})"
+
+
+@dataclass
+class _Ejection:
+    until: float
+    count: int
+    reason: str
+
+
+@dataclass
+class HealthChecker:
+    """Probes servers and remembers which ones to skip for now (per process)."""
+
+    timeout: float = 1.0
+    ejection_seconds: float = 30.0
+    _ejected: dict[str, _Ejection] = field(default_factory=dict)
+
+    def eject(self, server_id: str, reason: str) -> None:
+        """Skip ``server_id`` for a while; longer each time it fails in a row."""
+        previous = self._ejected.get(server_id)
+        count = min((previous.count if previous else 0) + 1, MAX_EJECTION_MULTIPLIER)
+        self._ejected[server_id] = _Ejection(
+            until=time.monotonic() + self.ejection_seconds * count, count=count, reason=reason
+        )
+
+    def restore(self, server_id: str) -> None:
+        """Forget a server's failures: it answered."""
+        self._ejected.pop(server_id, None)
+
+    def ejected_reason(self, server_id: str) -> str | None:
+        """Why ``server_id`` is skipped right now, or ``None`` if it may be used."""
+        ejection = self._ejected.get(server_id)
+        if ejection is None or ejection.until <= time.monotonic():
+            return None
+        left = ejection.until - time.monotonic()
+        return f"{ejection.reason} (skipped for another {left:.0f}s)"
+
+    async def probe(
+        self, client: httpx.AsyncClient, server: ServerConfig, local_in_flight: int = 0
+    ) -> AvailableServer | str:
+        """Ask ``server`` for its health; return it as available, or the reason it is not."""
+        try:
+            response = await client.get(f"{server.url}/health", timeout=self.timeout)
+        except httpx.TimeoutException:
+            return f"health probe timed out after {self.timeout:g}s"
+        except httpx.TransportError as exc:
+            return f"unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
+        if response.status_code == httpx.codes.NOT_FOUND:
+            # A TypeScript runner server has no /health; /info proves it is up.
+            return await self._probe_info(client, server, local_in_flight)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != httpx.codes.OK or not isinstance(body, dict):
+            return f"health answered HTTP {response.status_code}"
+        if body.get("status") != "ok":
+            return f"health status is {body.get('status')!r}"
+        in_flight = body.get("inFlight")
+        capacity = body.get("capacity")
+        return AvailableServer(
+            server=server,
+            in_flight=in_flight if isinstance(in_flight, int) and in_flight >= 0 else 0,
+            capacity=capacity if isinstance(capacity, int) and capacity > 0 else server.capacity,
+            local_at_probe=local_in_flight,
+        )
+
+    async def _probe_info(
+        self, client: httpx.AsyncClient, server: ServerConfig, local_in_flight: int
+    ) -> AvailableServer | str:
+        try:
+            response = await client.get(f"{server.url}/info", timeout=self.timeout)
+        except httpx.HTTPError as exc:
+            return f"unreachable: {type(exc).__name__}"
+        if response.status_code != httpx.codes.OK:
+            return f"health and info answered HTTP {response.status_code}"
+        return AvailableServer(
+            server=server, capacity=server.capacity, local_at_probe=local_in_flight
+        )
+
+    async def check(
+        self,
+        client: httpx.AsyncClient,
+        servers: Sequence[ServerConfig],
+        local_load: dict[str, int] | None = None,
+        region: str | None = None,
+    ) -> ServerPool:
+        """Probe the servers that are not ejected, concurrently; eject those that fail."""
+        pool = ServerPool(region=region)
+        to_probe: list[ServerConfig] = []
+        for server in servers:
+            reason = self.ejected_reason(server.id)
+            if reason is None:
+                to_probe.append(server)
+            else:
+                pool.unavailable.append(
+                    UnavailableServer(id=server.id, region=server.region, reason=reason)
+                )
+        loads = local_load or {}
+        outcomes = await asyncio.gather(
+            *(self.probe(client, s, loads.get(s.id, 0)) for s in to_probe)
+        )
+        for server, outcome in zip(to_probe, outcomes, strict=True):
+            if isinstance(outcome, AvailableServer):
+                self.restore(server.id)
+                pool.available.append(outcome)
+            else:
+                self.eject(server.id, outcome)
+                pool.unavailable.append(
+                    UnavailableServer(id=server.id, region=server.region, reason=outcome)
+                )
+        return pool

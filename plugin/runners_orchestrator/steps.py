@@ -1,0 +1,312 @@
+"""The durable steps of an orchestration, as Prefect tasks.
+
+Named as in the TypeScript design so the Prefect UI reads the same:
+``find_available_servers`` → ``select_best_server`` → ``execute_runner`` →
+``aggregate_results``. The logic lives in plain modules (``registry``, ``balancing``,
+``execution``); the tasks are thin and take plain data (pydantic models), so Prefect can
+record them. Tasks use ``cache_policy=NONE``: a check must run again when asked again.
+
+Granularity (measured; see ``docs/architecture.md``): a Prefect task costs a few
+milliseconds of bookkeeping and events, more than the HTTP request of a check. Up to
+``task_per_job_limit`` jobs, every job gets its own ``select_best_server`` and
+``execute_runner`` task runs, so each is visible in the UI; above it, jobs run in
+``execute_runner_batch`` tasks of ``batch_size`` jobs, under the same sliding window, and
+every job's outcome is still in the returned results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from prefect.runtime import task_run as current_task_run
+
+from runners_orchestrator.balancing import LOCAL_LOAD, load_balancer_from_config
+from runners_orchestrator.execution import JobExecutor, RetryPolicy, job_label, runner_client
+from runners_orchestrator.models import (
+    JobResult,
+    OrchestrateOptions,
+    RunnerJob,
+    RunSummary,
+    SummaryCounts,
+)
+from runners_orchestrator.registry import HealthChecker, ServerPool, registry_from_config
+from runners_orchestrator.settings import LoadBalancerConfig, RegistryConfig, get_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from runners_orchestrator.balancing import LoadBalancer
+    from runners_orchestrator.registry import AvailableServer
+
+__all__ = [
+    "aggregate_results",
+    "dispatch_jobs",
+    "execute_runner",
+    "execute_runner_batch",
+    "find_available_servers",
+    "select_best_server",
+]
+
+_health: dict[tuple[float, float], HealthChecker] = {}
+
+
+def _health_checker() -> HealthChecker:
+    """The process's health checker (it remembers ejections across runs)."""
+    settings = get_settings()
+    key = (settings.health_timeout, settings.ejection_seconds)
+    if key not in _health:
+        _health[key] = HealthChecker(settings.health_timeout, settings.ejection_seconds)
+    return _health[key]
+
+
+def _balancer(load_balancer: LoadBalancerConfig | str | None) -> LoadBalancer:
+    if load_balancer is None:
+        config = get_settings().load_balancer
+    elif isinstance(load_balancer, str):
+        config = LoadBalancerConfig(type=load_balancer)
+    else:
+        config = load_balancer
+    return load_balancer_from_config(config)
+
+
+def _executor(servers: ServerPool, load_balancer: LoadBalancerConfig | str | None) -> JobExecutor:
+    return JobExecutor(
+        pool=servers,
+        balancer=_balancer(load_balancer),
+        health=_health_checker(),
+        policy=RetryPolicy.from_settings(get_settings()),
+    )
+
+
+def _job_timeout(job: RunnerJob, timeout_ms: int | None) -> float:
+    if job.timeout is not None:
+        return job.timeout / 1000
+    if timeout_ms is not None:
+        return timeout_ms / 1000
+    return get_settings().job_timeout
+
+
+@task(name="find_available_servers", cache_policy=NONE)
+async def find_available_servers(
+    registry: RegistryConfig | None = None, region: str | None = None
+) -> ServerPool:
+    """Look up the registered runner servers and probe their health.
+
+    Args:
+        registry: the registry to read; the ``registry`` setting when omitted.
+        region: only servers of this region; every region when omitted.
+
+    Returns:
+        The healthy servers with their reported load, and why the others were left out.
+    """
+    config = registry or get_settings().registry
+    servers = await registry_from_config(config).servers()
+    candidates = [s for s in servers if region is None or s.region == region]
+    return await _health_checker().check(runner_client(), candidates, LOCAL_LOAD.snapshot(), region)
+
+
+@task(name="select_best_server", cache_policy=NONE)
+async def select_best_server(
+    servers: ServerPool,
+    load_balancer: LoadBalancerConfig | str | None = None,
+    region: str | None = None,
+) -> AvailableServer | None:
+    """Choose the server for a job of ``region`` with the load balancer.
+
+    Args:
+        servers: the result of ``find_available_servers``.
+        load_balancer: a balancer type or config; the ``load_balancer`` setting when omitted.
+        region: the job's region; any region when omitted.
+
+    Returns:
+        The chosen server, or ``None`` when no healthy server serves the region.
+    """
+    return _executor(servers, load_balancer).select(region)
+
+
+def _execute_runner_name() -> str:
+    parameters = current_task_run.get_parameters()
+    job = parameters.get("job")
+    if not isinstance(job, RunnerJob):
+        return "execute_runner"
+    return f"execute_runner[{job_label(job, parameters.get('server'))}]"
+
+
+@task(name="execute_runner", cache_policy=NONE, task_run_name=_execute_runner_name)
+async def execute_runner(
+    server: AvailableServer | None,
+    job: RunnerJob,
+    servers: ServerPool | None = None,
+    *,
+    job_id: str = "job-1",
+    load_balancer: LoadBalancerConfig | str | None = None,
+    timeout_ms: int | None = None,
+) -> JobResult:
+    """Run one job on ``server``, retrying it and failing over within the job's region.
+
+    Args:
+        server: where to run it first (from ``select_best_server``); chosen here if ``None``.
+        job: the job.
+        servers: the lookup to fail over within; just ``server`` when omitted.
+        job_id: the job's id within its run (sent to the runner server as ``runId``).
+        load_balancer: how a failover server is chosen.
+        timeout_ms: the job's timeout when the job has none; the ``job_timeout`` setting
+            when neither has one.
+
+    Returns:
+        The job's result: ``completed``, or ``failed``/``timed_out`` with the reason.
+    """
+    pool = servers or ServerPool(available=[server] if server else [])
+    executor = _executor(pool, load_balancer)
+    return await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms), first=server)
+
+
+@task(
+    name="execute_runner_batch",
+    cache_policy=NONE,
+    task_run_name="execute_runner_batch[{label}]",
+)
+async def execute_runner_batch(
+    jobs: list[tuple[str, RunnerJob]],
+    servers: ServerPool,
+    window: asyncio.Semaphore,
+    *,
+    label: str = "",
+    load_balancer: LoadBalancerConfig | str | None = None,
+    timeout_ms: int | None = None,
+) -> list[JobResult]:
+    """Run a batch of jobs, each through the run's sliding ``window``.
+
+    Args:
+        jobs: ``(job_id, job)`` pairs.
+        servers: the result of ``find_available_servers``.
+        window: the run's semaphore: a job starts when any job of the run ends.
+        label: shown in the task-run name.
+        load_balancer: how servers are chosen.
+        timeout_ms: the per-job timeout for jobs without one.
+
+    Returns:
+        One result per job, in order.
+    """
+    del label
+    executor = _executor(servers, load_balancer)
+
+    async def one(job_id: str, job: RunnerJob) -> JobResult:
+        async with window:
+            return await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms))
+
+    return list(await asyncio.gather(*(one(job_id, job) for job_id, job in jobs)))
+
+
+@task(name="aggregate_results", cache_policy=NONE)
+async def aggregate_results(
+    results: list[JobResult],
+    jobs: list[RunnerJob],
+    run_id: str | None = None,
+    created_at: datetime | None = None,
+) -> RunSummary:
+    """Summarise the jobs' results into the run's :class:`RunSummary`.
+
+    Args:
+        results: one result per job, in job order.
+        jobs: the jobs, to check that every one is accounted for.
+        run_id: the run's id; the Prefect flow run's id when omitted.
+        created_at: when the run started; now when omitted.
+
+    Returns:
+        The summary: ``completed`` when every job ran, ``failed`` otherwise; counts per
+        runner result (a job that could not run counts each of its runners as errored).
+    """
+    return summarise(results, jobs, run_id=run_id, created_at=created_at)
+
+
+def summarise(
+    results: Sequence[JobResult],
+    jobs: Sequence[RunnerJob],
+    *,
+    run_id: str | None = None,
+    created_at: datetime | None = None,
+) -> RunSummary:
+    """The plain logic of ``aggregate_results``."""
+    if len(results) != len(jobs):
+        msg = f"{len(results)} results for {len(jobs)} jobs: every job must be accounted for"
+        raise ValueError(msg)
+    counts = SummaryCounts()
+    for result in results:
+        for runner in result.results:
+            counts.total += 1
+            if runner.status == "pass":
+                counts.passed += 1
+            elif runner.status == "fail":
+                counts.failed += 1
+            else:
+                counts.errored += 1
+    completed_at = datetime.now(UTC)
+    started = created_at or min((r.started_at for r in results), default=completed_at)
+    return RunSummary(
+        run_id=run_id or str(flow_run.id or uuid.uuid4()),
+        state="completed" if all(r.state == "completed" for r in results) else "failed",
+        jobs=list(results),
+        summary=counts,
+        created_at=started,
+        completed_at=completed_at,
+        duration_ms=round((completed_at - started).total_seconds() * 1000),
+    )
+
+
+async def dispatch_jobs(
+    jobs: Sequence[RunnerJob],
+    servers: ServerPool,
+    options: OrchestrateOptions | None = None,
+) -> list[JobResult]:
+    """Run every job with at most ``max_concurrency`` in flight; results in job order.
+
+    A sliding window: a job starts as soon as any running job ends, never waiting for a
+    batch's slowest member. Picks task granularity by the number of jobs (see module doc).
+    """
+    options = options or OrchestrateOptions()
+    settings = get_settings()
+    window = asyncio.Semaphore(options.max_concurrency or settings.max_concurrency)
+    balancer = options.load_balancer
+    if options.region is not None:
+        jobs = [j if j.region else j.model_copy(update={"region": options.region}) for j in jobs]
+    numbered = [(f"job-{index}", job) for index, job in enumerate(jobs, start=1)]
+
+    if len(numbered) <= settings.task_per_job_limit:
+
+        async def one(job_id: str, job: RunnerJob) -> JobResult:
+            async with window:
+                server = await select_best_server(servers, balancer, job.region)
+                return await execute_runner(
+                    server,
+                    job,
+                    servers,
+                    job_id=job_id,
+                    load_balancer=balancer,
+                    timeout_ms=options.timeout,
+                )
+
+        return list(await asyncio.gather(*(one(job_id, job) for job_id, job in numbered)))
+
+    size = settings.batch_size
+    batches = [numbered[i : i + size] for i in range(0, len(numbered), size)]
+    outcomes = await asyncio.gather(
+        *(
+            execute_runner_batch(
+                batch,
+                servers,
+                window,
+                label=f"{n}/{len(batches)} · jobs {batch[0][0]}…{batch[-1][0]}",
+                load_balancer=balancer,
+                timeout_ms=options.timeout,
+            )
+            for n, batch in enumerate(batches, start=1)
+        )
+    )
+    return [result for batch_results in outcomes for result in batch_results]

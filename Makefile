@@ -26,6 +26,7 @@ lint: $(BIN)/runners-orchestrator
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/runners-orchestrator deploy --check
 
 ## Measure the runner server's throughput (see docs/benchmarks.md).
 bench: $(BIN)/runners-orchestrator

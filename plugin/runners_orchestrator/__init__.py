@@ -1,18 +1,24 @@
 """runners-orchestrator: plain async workflows that dispatch checks to runner servers.
 
-The public API is what ``__all__`` lists; everything else may change.
+The public API is what ``__all__`` lists; everything else may change. Names that need
+Prefect (discovery, steps, serving) are imported on first use, so that a runner server,
+which needs no Prefect, starts without paying for its import.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from runners_orchestrator.exceptions import (
     ConfigurationError,
+    DuplicateWorkflowError,
     OrchestratorError,
     RunnerError,
     RunnerNotFoundError,
     TargetNotAllowedError,
+    WorkflowNotFoundError,
 )
 from runners_orchestrator.models import (
     ErrorEnvelope,
@@ -20,6 +26,7 @@ from runners_orchestrator.models import (
     ExecuteResponse,
     HealthResponse,
     JobResult,
+    OrchestrateOptions,
     RunnerInfo,
     RunnerJob,
     RunnerResult,
@@ -35,21 +42,62 @@ from runners_orchestrator.runner_server import (
     RunnerServerPlugin,
     create_runner_app,
 )
+from runners_orchestrator.settings import (
+    LoadBalancerConfig,
+    OrchestratorSettings,
+    RegistryConfig,
+    ServerConfig,
+    get_settings,
+)
 from runners_orchestrator.target_policy import TargetPolicy
+
+if TYPE_CHECKING:
+    from runners_orchestrator.discovery import Discovery, Workflow, discover
+    from runners_orchestrator.steps import (
+        aggregate_results,
+        dispatch_jobs,
+        execute_runner,
+        find_available_servers,
+        select_best_server,
+    )
 
 try:
     __version__ = version("runners-orchestrator")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
+_LAZY = {
+    "Discovery": "runners_orchestrator.discovery",
+    "Workflow": "runners_orchestrator.discovery",
+    "discover": "runners_orchestrator.discovery",
+    "aggregate_results": "runners_orchestrator.steps",
+    "dispatch_jobs": "runners_orchestrator.steps",
+    "execute_runner": "runners_orchestrator.steps",
+    "find_available_servers": "runners_orchestrator.steps",
+    "select_best_server": "runners_orchestrator.steps",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'runners_orchestrator' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigurationError",
+    "Discovery",
+    "DuplicateWorkflowError",
     "ErrorEnvelope",
     "ExecuteRequest",
     "ExecuteResponse",
     "HealthResponse",
     "JobResult",
+    "LoadBalancerConfig",
+    "OrchestrateOptions",
     "OrchestratorError",
+    "OrchestratorSettings",
+    "RegistryConfig",
     "RunSummary",
     "Runner",
     "RunnerContext",
@@ -62,9 +110,19 @@ __all__ = [
     "RunnerServerConfig",
     "RunnerServerPlugin",
     "RunnerSpec",
+    "ServerConfig",
     "SummaryCounts",
     "TargetNotAllowedError",
     "TargetPolicy",
+    "Workflow",
+    "WorkflowNotFoundError",
     "__version__",
+    "aggregate_results",
     "create_runner_app",
+    "discover",
+    "dispatch_jobs",
+    "execute_runner",
+    "find_available_servers",
+    "get_settings",
+    "select_best_server",
 ]

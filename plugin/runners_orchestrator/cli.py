@@ -7,16 +7,21 @@ a runtime failure (a port in use, ...) exits 1 with one line that says what to c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import json
 import logging
 import socket
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from runners_orchestrator.exceptions import ConfigurationError
+from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+    from runners_orchestrator.discovery import Discovery
 
 __all__ = ["main"]
 
@@ -134,6 +139,109 @@ def _cmd_runner_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discover() -> Discovery:
+    from runners_orchestrator.discovery import discover  # noqa: PLC0415 - imports Prefect
+
+    try:
+        return discover()
+    except ConfigurationError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _report_broken(discovery: Discovery) -> None:
+    for broken in discovery.broken:
+        relative = broken.path.relative_to(discovery.root)
+        print(f"{PROG}: warning: skipped {relative}: {broken.error}", file=sys.stderr)  # noqa: T201
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    discovery = _discover()
+    _report_broken(discovery)
+    workflows = [discovery.workflows[name] for name in discovery.names()]
+    if args.json:
+        payload = [
+            {
+                "name": w.name,
+                "camelName": w.camel_name,
+                "description": w.description,
+                "entrypoint": w.entrypoint,
+                "parameters": w.parameters,
+            }
+            for w in workflows
+        ]
+        print(json.dumps(payload, indent=2))  # noqa: T201
+        return 0
+    if not workflows:
+        print(f"no workflows found under {discovery.root} (patterns: see ORCHESTRATOR_PATTERN)")  # noqa: T201
+    for workflow in workflows:
+        properties = workflow.parameters.get("properties", {})
+        required = set(workflow.parameters.get("required", []))
+        params = ", ".join(f"{p}{'' if p in required else '?'}" for p in properties)
+        summary = workflow.description.split("\n", 1)[0]
+        print(f"{workflow.name}({params})  [{workflow.entrypoint}]")  # noqa: T201
+        if summary:
+            print(f"    {summary}")  # noqa: T201
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from runners_orchestrator.deployments import (  # noqa: PLC0415
+        plan_deployments,
+        write_deployments,
+    )
+
+    discovery = _discover()
+    _report_broken(discovery)
+    plan = plan_deployments(discovery)
+    if args.check:
+        stale = plan.stale()
+        for line in stale:
+            print(f"stale: {line}", file=sys.stderr)  # noqa: T201
+        if stale:
+            print(f"{PROG}: deployments are stale; run `{PROG} deploy`", file=sys.stderr)  # noqa: T201
+            return 1
+        print(f"deployments are up to date ({len(plan.modules)} workflows)")  # noqa: T201
+        return 0
+    changed = write_deployments(plan)
+    for line in changed:
+        print(f"updated: {line}")  # noqa: T201
+    print(  # noqa: T201
+        f"{len(plan.modules)} deployments in deployments/ and prefect.yaml"
+        f"{'' if changed else ' (already up to date)'}; `prefect deploy --all` deploys them"
+    )
+    return 0
+
+
+def _cmd_serve_flows(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from runners_orchestrator.serving import (  # noqa: PLC0415
+        reload_command,
+        serve_flows,
+        serve_with_reload,
+    )
+
+    _configure_logging(args.log_level)
+    if args.reload:
+        discovery = _discover()
+        folders = {discovery.root / p.split("*", 1)[0] for p in get_settings().pattern}
+        return asyncio.run(serve_with_reload(reload_command(sys.argv[1:]), sorted(folders)))
+    discovery = _discover()
+    _report_broken(discovery)
+    if not discovery.workflows:
+        raise CommandError(f"no workflows to serve under {discovery.root}")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve_flows(
+                discovery,
+                query_seconds=args.poll,
+                limit=args.limit,
+                forkserver=args.start == "fork",
+            )
+        )
+    return 0
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
@@ -181,6 +289,54 @@ def _build_parser() -> _Parser:
     )
     runner.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
     runner.set_defaults(handler=_cmd_runner_server)
+
+    listing = commands.add_parser(
+        "list",
+        help="list the discovered workflows with their parameters",
+        description="List the workflows discovered in the project's workflow files.",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    listing.set_defaults(handler=_cmd_list)
+
+    deploy = commands.add_parser(
+        "deploy",
+        help="write deployments/ and the deployments of prefect.yaml",
+        description="Generate one deployment per workflow so `prefect deploy --all` works.",
+    )
+    deploy.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 when the files are stale"
+    )
+    deploy.set_defaults(handler=_cmd_deploy)
+
+    serve_flows = commands.add_parser(
+        "serve-flows",
+        help="serve every workflow's deployment in one Prefect runner process",
+        description="Serve the discovered workflows' deployments against PREFECT_API_URL.",
+    )
+    serve_flows.add_argument(
+        "--poll",
+        type=_positive_float,
+        default=0.2,
+        metavar="SECONDS",
+        help="how often to ask Prefect for new runs (default: %(default)s)",
+    )
+    serve_flows.add_argument(
+        "--limit", type=_positive_int, default=None, help="flow runs at once (default: no limit)"
+    )
+    serve_flows.add_argument(
+        "--start",
+        choices=("fork", "spawn"),
+        default="fork",
+        help="how a run's process starts: forked from a warm server (fast) or spawned "
+        "cold as Prefect does (default: %(default)s)",
+    )
+    serve_flows.add_argument(
+        "--reload", action="store_true", help="restart when a workflow file changes"
+    )
+    serve_flows.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity"
+    )
+    serve_flows.set_defaults(handler=_cmd_serve_flows)
     return parser
 
 
@@ -191,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except ConfigurationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     except CommandError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)  # noqa: T201
         return exc.exit_code

@@ -4,6 +4,8 @@
 
     OrchestratorError
     ├── ConfigurationError        a setting or flag has a bad value; fix the configuration
+    │   └── DuplicateWorkflowError  two workflow files define the same name
+    ├── WorkflowNotFoundError     no workflow has that name
     ├── TargetNotAllowedError     a URL resolves to an address the target policy refuses
     └── RunnerError               a runner could not do its job
         └── RunnerNotFoundError   a runner name that no registry knows
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DuplicateWorkflowError",
     "OrchestratorError",
     "RunnerError",
     "RunnerNotFoundError",
     "TargetNotAllowedError",
+    "WorkflowNotFoundError",
 ]
 
 
@@ -57,3 +61,24 @@ class RunnerError(OrchestratorError):
 
 class RunnerNotFoundError(RunnerError, LookupError):
     """A runner name that no registry knows."""
+
+
+class DuplicateWorkflowError(ConfigurationError):
+    """Two workflows have one name; HTTP routes and deployments need them unique."""
+
+    def __init__(self, name: str, first: object, second: object) -> None:
+        self.name = name
+        self.files = (first, second)
+        super().__init__(
+            f"two workflows are named {name!r}: {first} and {second}; rename one of them"
+        )
+
+
+class WorkflowNotFoundError(OrchestratorError, LookupError):
+    """No discovered workflow has that name."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        self.name = name
+        self.available = available
+        names = ", ".join(available) or "none"
+        super().__init__(f"no workflow named {name!r}; available: {names}")

@@ -173,6 +173,14 @@ class OrchestratorSettings(BaseSettings):
     retry_backoff_max: float = Field(
         default=5.0, ge=0, description="Longest retry delay in seconds."
     )
+    work_pool: str = Field(
+        default="default",
+        min_length=1,
+        description="Work pool of the generated deployments (`prefect deploy`).",
+    )
+    deployment_tags: list[str] = Field(
+        default_factory=list, description="Extra tags on every generated deployment."
+    )
     task_per_job_limit: int = Field(
         default=50,
         ge=0,

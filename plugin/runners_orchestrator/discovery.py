@@ -1,0 +1,288 @@
+"""Find the workflows: public ``async def`` functions in the project's workflow files.
+
+A workflow is a public async function *defined in* a file matched by the ``pattern``
+setting (default ``flows/**/*.py`` and ``src/flows/**/*.py``, relative to the project root,
+the folder holding ``pyproject.toml``). Functions imported from elsewhere, sync functions,
+classes, methods and private names (``_helper``) are not workflows; a function already
+decorated with Prefect's ``@flow`` is taken as it is. No decorator is needed.
+
+Why these rules: a workflow file is ordinary Python that a user also imports helpers into;
+only what the file itself defines, and means to expose, becomes an endpoint.
+
+Files are imported once and cached by modification time and size, so discovering an
+unchanged project again costs one ``stat`` per file. The Prefect flow and the parameter
+schema of a workflow are built on first use, not at discovery.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle  # type: ignore[import-untyped]
+from prefect import Flow
+
+from runners_orchestrator.exceptions import (
+    ConfigurationError,
+    DuplicateWorkflowError,
+    WorkflowNotFoundError,
+)
+from runners_orchestrator.settings import find_project_root, get_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from types import ModuleType
+
+__all__ = [
+    "RESERVED_NAMES",
+    "BrokenFile",
+    "Discovery",
+    "Workflow",
+    "discover",
+    "load_workflow_flow",
+    "to_camel",
+    "to_snake",
+]
+
+RESERVED_NAMES = frozenset({"runs", "health", "schema", "docs", "openapi"})
+"""Names the HTTP API uses for its own routes under the prefix."""
+
+MODULE_PREFIX = "runners_orchestrator_workflows"
+"""Workflow files are imported under this package name, one module per file."""
+
+
+def to_camel(name: str) -> str:
+    """``orchestrate_runners`` → ``orchestrateRunners``."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def to_snake(name: str) -> str:
+    """``orchestrateRunners`` → ``orchestrate_runners`` (snake_case is left as it is)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+@dataclass
+class Workflow:
+    """A discovered workflow: a function and everything the API and Prefect need of it."""
+
+    name: str
+    """The function's name: the HTTP name, the flow name and the deployment name."""
+    fn: Callable[..., Any]
+    """The user's function (or the ``@flow`` they wrote)."""
+    source: Path
+    """The file it is defined in."""
+    entrypoint: str
+    """``flows/file.py:function``, relative to the project root."""
+
+    @cached_property
+    def flow(self) -> Flow[Any, Any]:
+        """The Prefect flow: the user's own ``@flow``, or the function wrapped in one.
+
+        Results are persisted so that a process other than the one that ran the flow (the
+        HTTP API) can read them.
+        """
+        if isinstance(self.fn, Flow):
+            return self.fn
+        return Flow(fn=self.fn, name=self.name, persist_result=True, log_prints=True)
+
+    @cached_property
+    def parameters(self) -> dict[str, Any]:
+        """The parameters' JSON schema, as Prefect computes it from the type hints."""
+        return self.flow.parameters.model_dump_for_openapi()
+
+    @property
+    def description(self) -> str:
+        """The docstring, cleaned; empty when there is none."""
+        return inspect.getdoc(self.flow.fn) or ""
+
+    @property
+    def camel_name(self) -> str:
+        """The TypeScript design's spelling: ``orchestrateRunners``."""
+        return to_camel(self.name)
+
+
+@dataclass(frozen=True)
+class BrokenFile:
+    """A workflow file that failed to import; the others still load."""
+
+    path: Path
+    error: str
+    """The exception, one line: ``SyntaxError: invalid syntax (x.py, line 3)``."""
+    details: str = ""
+    """The traceback, for logs."""
+
+
+@dataclass
+class Discovery:
+    """What a scan found: workflows by name, and the files that failed to import."""
+
+    root: Path
+    workflows: dict[str, Workflow] = field(default_factory=dict)
+    broken: list[BrokenFile] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        """Workflow names, sorted."""
+        return sorted(self.workflows)
+
+    def get(self, name: str) -> Workflow:
+        """The workflow called ``name`` (snake_case or camelCase).
+
+        Raises:
+            WorkflowNotFoundError: no such workflow; the message lists the available ones.
+        """
+        workflow = self.workflows.get(name) or self.workflows.get(to_snake(name))
+        if workflow is None:
+            raise WorkflowNotFoundError(name, self.names())
+        return workflow
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (
+            name in self.workflows or to_snake(name) in self.workflows
+        )
+
+
+@dataclass(frozen=True)
+class _CachedFile:
+    stamp: tuple[int, int]
+    module: ModuleType | None
+    functions: tuple[tuple[str, Any], ...]
+    broken: BrokenFile | None
+
+
+_cache: dict[Path, _CachedFile] = {}
+
+
+def _module_name(root: Path, path: Path) -> str:
+    relative = path.relative_to(root).with_suffix("")
+    parts = [re.sub(r"\W", "_", part) for part in relative.parts]
+    return ".".join([MODULE_PREFIX, *parts])
+
+
+def _import_file(root: Path, path: Path) -> ModuleType:
+    name = _module_name(root, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - .py files always have one
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    # The module is not importable by name in other processes: ship it by value when
+    # Prefect pickles a flow into a subprocess.
+    cloudpickle.register_pickle_by_value(module)
+    return module
+
+
+def _workflow_functions(module: ModuleType) -> tuple[tuple[str, Any], ...]:
+    """Public async functions and ``@flow`` objects defined in ``module`` itself."""
+    found: list[tuple[str, Any]] = []
+    for attribute, value in vars(module).items():
+        if attribute.startswith("_"):
+            continue
+        if isinstance(value, Flow):
+            fn = value.fn
+            if getattr(fn, "__module__", None) == module.__name__:
+                found.append((fn.__name__, value))
+            continue
+        if (
+            inspect.iscoroutinefunction(value)
+            and value.__module__ == module.__name__
+            and value.__qualname__ == attribute
+        ):
+            found.append((attribute, value))
+    return tuple(found)
+
+
+def _scan(root: Path, path: Path) -> _CachedFile:
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _cache.get(path)
+    if cached is not None and cached.stamp == stamp:
+        return cached
+    try:
+        module = _import_file(root, path)
+    except Exception as exc:  # noqa: BLE001 - any error in a user's file is reported, not raised
+        error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+        broken = BrokenFile(path, error, traceback.format_exc())
+        entry = _CachedFile(stamp, None, (), broken)
+    else:
+        entry = _CachedFile(stamp, module, _workflow_functions(module), None)
+    _cache[path] = entry
+    return entry
+
+
+def _files(root: Path, patterns: Iterable[str]) -> list[Path]:
+    files: set[Path] = set()
+    for pattern in patterns:
+        for path in root.glob(pattern):
+            if path.is_file() and path.suffix == ".py" and "__pycache__" not in path.parts:
+                files.add(path.resolve())
+    return sorted(files)
+
+
+def discover(project_root: Path | None = None, patterns: Sequence[str] | None = None) -> Discovery:
+    """Scan the workflow files and return what they define.
+
+    Args:
+        project_root: the folder of ``pyproject.toml``; found from the working directory.
+        patterns: globs relative to the root; the ``pattern`` setting when omitted.
+
+    Raises:
+        DuplicateWorkflowError: two workflows share a name; the message names both files.
+        ConfigurationError: a workflow's name is one the HTTP API reserves.
+    """
+    root = find_project_root(project_root)
+    globs = list(patterns) if patterns is not None else get_settings().pattern
+    result = Discovery(root=root)
+    for path in _files(root, globs):
+        scanned = _scan(root, path)
+        if scanned.broken is not None:
+            result.broken.append(scanned.broken)
+            continue
+        for name, fn in scanned.functions:
+            _add(result, Workflow(name, fn, path, f"{path.relative_to(root)}:{name}"))
+    return result
+
+
+def _add(result: Discovery, workflow: Workflow) -> None:
+    name = workflow.name
+    if name in RESERVED_NAMES or to_snake(name) in RESERVED_NAMES:
+        raise ConfigurationError(
+            f"workflow {name!r} in {workflow.entrypoint} has a name the HTTP API uses for its own "
+            f"routes ({', '.join(sorted(RESERVED_NAMES))}); rename the function"
+        )
+    existing = result.workflows.get(name) or result.workflows.get(to_snake(name))
+    if existing is not None:
+        first, second = (w.entrypoint.rpartition(":")[0] for w in (existing, workflow))
+        raise DuplicateWorkflowError(name, first, second)
+    result.workflows[name] = workflow
+
+
+def load_workflow_flow(entrypoint: str, root: Path | str | None = None) -> Flow[Any, Any]:
+    """Return the Prefect flow of ``flows/file.py:function``: what generated modules call.
+
+    Raises:
+        WorkflowNotFoundError: the file does not define that workflow (any more).
+        ImportError: the file fails to import.
+    """
+    base = Path(root) if root is not None else find_project_root()
+    relative, _, name = entrypoint.rpartition(":")
+    path = (base / relative).resolve()
+    scanned = _scan(base.resolve(), path)
+    if scanned.broken is not None:
+        raise ImportError(f"{relative} failed to import: {scanned.broken.error}")
+    for found, fn in scanned.functions:
+        if found == name:
+            return Workflow(name, fn, path, entrypoint).flow
+    raise WorkflowNotFoundError(name, [n for n, _ in scanned.functions])

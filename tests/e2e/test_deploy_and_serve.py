@@ -1,0 +1,174 @@
+"""Generated deployments through Prefect's own CLI and worker, and a real serve-flows process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from helpers import CLI
+
+PREFECT = [str(Path(sys.executable).parent / "prefect")]
+
+
+@pytest.fixture
+def project(tmp_path: Path, prefect_server) -> tuple[Path, dict[str, str]]:
+    pool = f"pool-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "pyproject.toml").write_text(
+        f'[project]\nname = "demo"\n\n[tool.runners-orchestrator]\nwork_pool = "{pool}"\n'
+    )
+    (tmp_path / "flows" / "greetings").mkdir(parents=True)
+    (tmp_path / "flows" / "greetings" / "hello.py").write_text(
+        textwrap.dedent('''
+        import os
+
+
+        async def greet(name: str = "world") -> str:
+            """Greet someone, from wherever the run happens."""
+            return f"hello {name} from {os.getpid()}"
+        ''')
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_HOME": str(tmp_path / ".prefect"),
+        "ORCHESTRATOR_WORK_POOL": pool,
+        # As a shell started in the project root would have it: prefect.yaml's pull step
+        # sets the working directory to "{{ $PWD }}" of the worker.
+        "PWD": str(tmp_path),
+    }
+    return tmp_path, env
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"{cmd}: {result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+async def wait_final(flow_run_id: uuid.UUID, timeout: float = 60) -> object:
+    async with get_client() as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = await client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            await asyncio.sleep(0.2)
+    pytest.fail(f"flow run {flow_run_id} did not finish within {timeout}s")
+
+
+async def test_prefect_deploy_all_then_a_worker_runs_the_generated_deployment(project):
+    root, env = project
+    sh([*CLI, "deploy"], root, env)
+    pool = env["ORCHESTRATOR_WORK_POOL"]
+    sh([*PREFECT, "work-pool", "create", pool, "--type", "process"], root, env)
+    sh([*PREFECT, "--no-prompt", "deploy", "--all"], root, env)
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("greet/greet")
+        assert deployment.entrypoint == "deployments/greet.py:greet"
+        assert deployment.work_pool_name == pool
+        run = await client.create_flow_run_from_deployment(
+            deployment.id, parameters={"name": "worker"}
+        )
+    worker_log = sh([*PREFECT, "worker", "start", "--pool", pool, "--run-once"], root, env)
+    finished = await wait_final(run.id)
+    assert finished.state.is_completed(), worker_log  # type: ignore[attr-defined]
+    result = await finished.state.result()  # type: ignore[attr-defined]
+    assert result.startswith("hello worker from ")
+
+
+async def test_serve_flows_completes_a_run_submitted_through_the_api(project):
+    root, env = project
+    process = subprocess.Popen(
+        [*CLI, "serve-flows", "--log-level", "warning"],
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        async with get_client() as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    deployment = await client.read_deployment_by_name("greet/greet")
+                    break
+                except Exception:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"serve-flows did not register: {process.stdout.read()}")  # type: ignore[union-attr]
+                    await asyncio.sleep(0.2)
+            run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters={"name": "served"}
+            )
+        finished = await wait_final(run.id)
+        assert finished.state.is_completed(), finished.state  # type: ignore[attr-defined]
+        result = await finished.state.result()  # type: ignore[attr-defined]
+        assert result.startswith("hello served from ")
+        assert result != f"hello served from {process.pid}"  # ran in its own process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+async def wait_for_deployment(name: str, process: subprocess.Popen[str], timeout: float = 60):
+    async with get_client() as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{name} was not served")
+                await asyncio.sleep(0.2)
+
+
+async def test_reload_serves_a_workflow_added_while_running(project):
+    root, env = project
+    process = subprocess.Popen(
+        [*CLI, "serve-flows", "--reload", "--log-level", "warning"],
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        await wait_for_deployment("greet/greet", process)
+        (root / "flows" / "greetings" / "later.py").write_text(
+            "async def added_later(n: int = 2) -> int:\n    return n * 21\n"
+        )
+        deployment = await wait_for_deployment("added_later/added_later", process)
+        async with get_client() as client:
+            run = await client.create_flow_run_from_deployment(deployment.id)
+        finished = await wait_final(run.id)
+        assert await finished.state.result() == 42  # type: ignore[attr-defined]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        # The reloader stops its child too: nothing of the session is left running
+        # (exited processes that this container's init has not reaped yet do not count).
+        time.sleep(0.5)
+        listing = subprocess.run(
+            ["ps", "-o", "pid=,stat=,args=", "-s", str(process.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        running = [line for line in listing.stdout.splitlines() if " Z" not in line]
+        assert running == []

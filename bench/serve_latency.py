@@ -164,6 +164,13 @@ class Row:
     idle_cpu: float = 0.0
     top: list[tuple[str, int]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    """created -> first RUNNING, per run that reached RUNNING."""
+    pickups: list[float] = field(default_factory=list)
+    """created -> first PENDING: until the runner picked the run up (polling)."""
+    starts: list[float] = field(default_factory=list)
+    """first PENDING -> first RUNNING: the run's process starting."""
+    create_seconds: list[float] = field(default_factory=list)
+    """How long each create_flow_run_from_deployment call took."""
     submitted: int = 0
     completed: int = 0
     stop_seconds: float | None = None
@@ -188,15 +195,22 @@ async def measure_latency(row: Row, runs: int, interval: float, finish_timeout: 
     async with get_client() as client:
         deployment = await client.read_deployment_by_name("hello/hello")
         created = {}
-        start = time.monotonic()
         for i in range(runs):
-            await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
+            # At least `interval` between submissions; a slow call delays the next one
+            # rather than causing a burst to catch up.
+            began = time.monotonic()
             run = await client.create_flow_run_from_deployment(
                 deployment.id, parameters={"name": f"run{i}"}
             )
             created[run.id] = run.created
+            row.create_seconds.append(time.monotonic() - began)
+            if i < runs - 1:
+                await asyncio.sleep(max(0.0, began + interval - time.monotonic()))
         row.submitted = runs
-        log(f"  submitted {runs} runs; waiting for them to finish")
+        log(
+            f"  submitted {runs} runs (slowest create call {max(row.create_seconds):.2f} s);"
+            " waiting for them to finish"
+        )
         deadline = time.monotonic() + finish_timeout
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=list(created)))
         while True:
@@ -211,8 +225,13 @@ async def measure_latency(row: Row, runs: int, interval: float, finish_timeout: 
         for run_id, created_at in created.items():
             states = await client.read_flow_run_states(run_id)
             running = [s.timestamp for s in states if s.type == StateType.RUNNING]
+            pending = [s.timestamp for s in states if s.type == StateType.PENDING]
             if running:
                 row.latencies.append((min(running) - created_at).total_seconds())
+            if pending:
+                row.pickups.append((min(pending) - created_at).total_seconds())
+            if pending and running:
+                row.starts.append((min(running) - min(pending)).total_seconds())
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -368,8 +387,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; load average at start {load_start}, at end {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'configuration':<46}{'runs':>7}{'done':>6}{'p50 s':>8}{'p95 s':>8}{'max s':>8}"
-        f"{'idle req/s':>12}{'srv CPU %':>11}"
+        f"{'configuration':<46}{'runs':>5}{'done':>5}{'p50 s':>7}{'p95 s':>7}{'max s':>7}"
+        f"{'pickup p50':>11}{'start p50':>10}{'idle req/s':>11}{'srv CPU %':>10}"
     )
     for row in rows:
         rps = row.idle_requests / row.idle_seconds
@@ -377,12 +396,17 @@ def main() -> None:
         if row.submitted:
             lat = row.latencies
             timing = (
-                f"{row.submitted:>7}{row.completed:>6}{percentile(lat, 50):>8.2f}"
-                f"{percentile(lat, 95):>8.2f}{max(lat, default=float('nan')):>8.2f}"
+                f"{row.submitted:>5}{row.completed:>5}{percentile(lat, 50):>7.2f}"
+                f"{percentile(lat, 95):>7.2f}{max(lat, default=float('nan')):>7.2f}"
+                f"{percentile(row.pickups, 50):>11.2f}{percentile(row.starts, 50):>10.2f}"
             )
         else:
-            timing = f"{'-':>7}{'-':>6}{'-':>8}{'-':>8}{'-':>8}"
-        print(f"{row.name:<46}{timing}{rps:>12.2f}{cpu:>11.1f}")
+            timing = f"{'-':>5}{'-':>5}{'-':>7}{'-':>7}{'-':>7}{'-':>11}{'-':>10}"
+        print(f"{row.name:<46}{timing}{rps:>11.2f}{cpu:>10.1f}")
+    print(
+        "pickup = created -> first PENDING (the runner's poll); "
+        "start = first PENDING -> first RUNNING (the run's process starting)"
+    )
     print("\ntop idle endpoints (requests in the idle window)")
     for row in rows:
         top = ", ".join(f"{path} x{count}" for path, count in row.top) or "none"

@@ -10,6 +10,7 @@ from runners_orchestrator.steps import (
     dispatch_jobs,
     execute_runner,
     find_available_servers,
+    requested_registry,
     select_best_server,
 )
 
@@ -24,7 +25,8 @@ async def orchestrate_runners(
     """
     options = options or OrchestrateOptions()
     created_at = datetime.now(UTC)
-    servers = await find_available_servers(region=options.region)
+    registry = requested_registry(options)
+    servers = await find_available_servers(registry=registry, region=options.region)
     results = await dispatch_jobs(jobs, servers, options)
     return await aggregate_results(results, jobs, created_at=created_at)
 

@@ -245,3 +245,64 @@ def ts_results(*names_and_status: tuple[str, str]) -> dict[str, Any]:
             {"name": name, "status": status, "durationMs": 5} for name, status in names_and_status
         ],
     }
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 that a test can stop and start again on the same port.
+
+    It stands between a client and a real server, to take the server away and bring it
+    back without restarting it (the server itself is untouched and real).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._streams: set[asyncio.StreamWriter] = set()
+        self._thread.start()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._streams.update({writer, up_writer})
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def start(self) -> None:
+        async def serve() -> None:
+            self._server = await asyncio.start_server(
+                self._handle, "127.0.0.1", self.port, reuse_address=True
+            )
+
+        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+                for stream in list(self._streams):
+                    stream.close()
+                self._streams.clear()
+                await self._server.wait_closed()
+                self._server = None
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+
+    def close(self) -> None:
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -242,6 +242,24 @@ def _cmd_serve_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from runners_orchestrator.api import create_app  # noqa: PLC0415
+
+    ensure_port_free(args.host, args.port, "--port")
+    _configure_logging(args.log_level)
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
@@ -289,6 +307,16 @@ def _build_parser() -> _Parser:
     )
     runner.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
     runner.set_defaults(handler=_cmd_runner_server)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the orchestrator HTTP API against PREFECT_API_URL",
+        description="Serve every workflow as an HTTP endpoint, proxied to the Prefect API.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
+    serve.set_defaults(handler=_cmd_serve)
 
     listing = commands.add_parser(
         "list",

@@ -16,6 +16,7 @@ schema of a workflow are built on first use, not at discovery.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import re
@@ -34,6 +35,7 @@ from runners_orchestrator.exceptions import (
     DuplicateWorkflowError,
     WorkflowNotFoundError,
 )
+from runners_orchestrator.results import recording_result
 from runners_orchestrator.settings import find_project_root, get_settings
 
 if TYPE_CHECKING:
@@ -86,12 +88,17 @@ class Workflow:
     def flow(self) -> Flow[Any, Any]:
         """The Prefect flow: the user's own ``@flow``, or the function wrapped in one.
 
-        Results are persisted so that a process other than the one that ran the flow (the
-        HTTP API) can read them.
+        Either way the return value is recorded in Prefect's database (see ``results``),
+        so that a process other than the one that ran the flow, the HTTP API, can read it.
         """
         if isinstance(self.fn, Flow):
-            return self.fn
-        return Flow(fn=self.fn, name=self.name, persist_result=True, log_prints=True)
+            # The user's own flow, with its options, recording its result as ours do.
+            wrapped = copy.copy(self.fn)
+            wrapped.fn = recording_result(self.fn.fn)
+            return wrapped
+        return Flow(
+            fn=recording_result(self.fn), name=self.name, persist_result=True, log_prints=True
+        )
 
     @cached_property
     def parameters(self) -> dict[str, Any]:
@@ -101,7 +108,7 @@ class Workflow:
     @property
     def description(self) -> str:
         """The docstring, cleaned; empty when there is none."""
-        return inspect.getdoc(self.flow.fn) or ""
+        return inspect.getdoc(self.fn.fn if isinstance(self.fn, Flow) else self.fn) or ""
 
     @property
     def camel_name(self) -> str:

@@ -6,6 +6,8 @@
     ├── ConfigurationError        a setting or flag has a bad value; fix the configuration
     │   └── DuplicateWorkflowError  two workflow files define the same name
     ├── WorkflowNotFoundError     no workflow has that name
+    ├── RunNotFoundError          no flow run has that id (for that workflow)
+    ├── PrefectUnavailableError   the Prefect API cannot be reached or keeps failing
     ├── TargetNotAllowedError     a URL resolves to an address the target policy refuses
     └── RunnerError               a runner could not do its job
         └── RunnerNotFoundError   a runner name that no registry knows
@@ -20,6 +22,8 @@ __all__ = [
     "ConfigurationError",
     "DuplicateWorkflowError",
     "OrchestratorError",
+    "PrefectUnavailableError",
+    "RunNotFoundError",
     "RunnerError",
     "RunnerNotFoundError",
     "TargetNotAllowedError",
@@ -82,3 +86,11 @@ class WorkflowNotFoundError(OrchestratorError, LookupError):
         self.available = available
         names = ", ".join(available) or "none"
         super().__init__(f"no workflow named {name!r}; available: {names}")
+
+
+class RunNotFoundError(OrchestratorError, LookupError):
+    """No flow run has that id, or it is not a run of the workflow asked about."""
+
+
+class PrefectUnavailableError(OrchestratorError):
+    """The Prefect API is unreachable or keeps failing; the caller may retry later."""

@@ -14,7 +14,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -80,6 +87,14 @@ class WireModel(BaseModel):
         extra="ignore",
     )
 
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Leave out fields that are ``None``, however the model is serialised."""
+        data = handler(self)
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     def to_wire(self) -> dict[str, Any]:
         """Return the JSON-ready camelCase form, without the fields that are unset."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -113,6 +128,8 @@ class OrchestrateOptions(WireModel):
     """Balancer type for this run: least-load, round-robin, random, weighted, ..."""
     timeout: int | None = Field(default=None, gt=0)
     """Per-job timeout in milliseconds, retries and failover included."""
+    registry: dict[str, Any] | None = None
+    """A registry of the caller's own (refused unless the operator allows it)."""
 
 
 class RunnerResult(WireModel):

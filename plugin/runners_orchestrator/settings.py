@@ -147,6 +147,19 @@ class OrchestratorSettings(BaseSettings):
     api_url: str | None = Field(
         default=None, description="The orchestrator API the CLI's `run` talks to."
     )
+    allow_client_registry: bool = Field(
+        default=False,
+        description="Let API clients pass their own registry (server URLs) in options.",
+    )
+    max_body_size: int = Field(
+        default=1_000_000, ge=1_000, description="Largest API request body in bytes."
+    )
+    prefect_write_concurrency: int = Field(
+        default=4, ge=1, description="Run creations sent to Prefect at once, per API process."
+    )
+    prefect_write_attempts: int = Field(
+        default=6, ge=1, description="Attempts of a Prefect write that meets a transient error."
+    )
     max_concurrency: int = Field(
         default=10, ge=1, le=10_000, description="Default jobs in flight per orchestration."
     )

@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
 
 from runners_orchestrator.balancing import LOCAL_LOAD, load_balancer_from_config
+from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.execution import JobExecutor, RetryPolicy, job_label, runner_client
 from runners_orchestrator.models import (
     JobResult,
@@ -50,6 +51,7 @@ __all__ = [
     "execute_runner",
     "execute_runner_batch",
     "find_available_servers",
+    "requested_registry",
     "select_best_server",
 ]
 
@@ -128,6 +130,27 @@ async def select_best_server(
         The chosen server, or ``None`` when no healthy server serves the region.
     """
     return _executor(servers, load_balancer).select(region)
+
+
+def requested_registry(options: OrchestrateOptions) -> RegistryConfig | None:
+    """The registry a run's caller sent in its options, if the operator allows that.
+
+    Server URLs from a client are a server-side request forgery risk, so they are refused
+    unless ``allow_client_registry`` is on (checked here, in the flow, as well as at the
+    HTTP API).
+
+    Raises:
+        ConfigurationError: the options carry a registry and that is not allowed, or it is
+            not a valid registry.
+    """
+    if options.registry is None:
+        return None
+    if not get_settings().allow_client_registry:
+        raise ConfigurationError(
+            "a run may not bring its own registry (server URLs); the operator can allow it "
+            "with ORCHESTRATOR_ALLOW_CLIENT_REGISTRY=true"
+        )
+    return RegistryConfig.model_validate(options.registry)
 
 
 def _execute_runner_name() -> str:

@@ -1,0 +1,181 @@
+"""Everything the API asks of Prefect, with retries where Prefect's SQLite server needs them.
+
+Prefect's server on SQLite answers 503 ("database is locked") when writes contend, and may
+be briefly unreachable while it restarts. The gateway retries transient failures with
+exponential backoff and full jitter, bounded in attempts, and sends at most
+``prefect_write_concurrency`` run creations at once per process, so that a burst of clients
+queues here instead of piling onto the database. Errors leave this module translated:
+:class:`PrefectUnavailableError` (the caller answers 503) or :class:`RunNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+from prefect.client.schemas.objects import StateType
+from prefect.context import SettingsContext, get_settings_context
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings, get_current_settings
+from prefect.states import Cancelled, Cancelling
+
+from runners_orchestrator.exceptions import PrefectUnavailableError, RunNotFoundError
+from runners_orchestrator.results import read_result
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from uuid import UUID
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun, State
+
+    from runners_orchestrator.discovery import Workflow
+
+__all__ = ["PrefectGateway"]
+
+T = TypeVar("T")
+logger = logging.getLogger("runners_orchestrator.api")
+
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in TRANSIENT_STATUSES
+    return False
+
+
+@dataclass
+class PrefectGateway:
+    """The API's one Prefect client, and the policies around it."""
+
+    client: PrefectClient
+    write_concurrency: int = 4
+    attempts: int = 6
+    backoff: float = 0.1
+    backoff_max: float = 2.0
+    _writes: asyncio.Semaphore = field(init=False)
+    _settings: Settings = field(init=False)
+    _deployments: dict[str, UUID] = field(default_factory=dict)
+    _flow_names: dict[UUID, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._writes = asyncio.Semaphore(self.write_concurrency)
+        # Our retries replace the Prefect client's: its backoff (2, 4, 8, ... s) would hold
+        # a client's request for a minute while Prefect is down, where we answer 503.
+        self._settings = get_current_settings().copy_with_update(
+            updates={PREFECT_CLIENT_MAX_RETRIES: 0}
+        )
+
+    @property
+    def api_url(self) -> str:
+        """The Prefect API this gateway talks to."""
+        return str(self.client.api_url)
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with SettingsContext(
+                    profile=get_settings_context().profile, settings=self._settings
+                ):
+                    return await call()
+            except ObjectNotFound:
+                raise
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                if attempt == self.attempts:
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    raise PrefectUnavailableError(
+                        f"the Prefect API at {self.api_url} did not answer ({what}): {reason}; "
+                        "retry later"
+                    ) from exc
+                delay = random.uniform(0, min(self.backoff_max, self.backoff * 2**attempt))  # noqa: S311
+                logger.debug("%s failed (%s); retry %d in %.2fs", what, exc, attempt, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def deployment_id(self, workflow: Workflow) -> UUID:
+        """The id of the deployment that runs ``workflow`` (cached per process).
+
+        Raises:
+            PrefectUnavailableError: no deployment serves the workflow.
+        """
+        name = f"{workflow.flow.name}/{workflow.name}"
+        cached = self._deployments.get(name)
+        if cached is not None:
+            return cached
+        try:
+            deployment = await self._call(
+                "read deployment", lambda: self.client.read_deployment_by_name(name)
+            )
+        except ObjectNotFound:
+            raise PrefectUnavailableError(
+                f"no deployment {name!r} in Prefect: start `runners-orchestrator serve-flows` "
+                "(or `dev`), or deploy with `runners-orchestrator deploy && prefect deploy --all`"
+            ) from None
+        self._deployments[name] = deployment.id
+        return deployment.id
+
+    async def start(
+        self, workflow: Workflow, parameters: dict[str, Any], idempotency_key: str | None
+    ) -> FlowRun:
+        """Create a flow run of ``workflow``'s deployment."""
+        deployment_id = await self.deployment_id(workflow)
+
+        async def create() -> FlowRun:
+            async with self._writes:
+                return await self.client.create_flow_run_from_deployment(
+                    deployment_id, parameters=parameters, idempotency_key=idempotency_key
+                )
+
+        try:
+            return await self._call("create flow run", create)
+        except ObjectNotFound:
+            # The deployment was deleted since we cached it (a reload, a redeploy): once more.
+            self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
+            deployment_id = await self.deployment_id(workflow)
+            return await self._call("create flow run", create)
+
+    async def read(self, run_id: UUID) -> FlowRun:
+        """The flow run ``run_id``.
+
+        Raises:
+            RunNotFoundError: Prefect has no such run.
+        """
+        try:
+            return await self._call("read flow run", lambda: self.client.read_flow_run(run_id))
+        except ObjectNotFound:
+            raise RunNotFoundError(f"no run {run_id}") from None
+
+    async def flow_name(self, flow_id: UUID) -> str:
+        """The name of the flow ``flow_id`` (cached: flows are never renamed)."""
+        if flow_id not in self._flow_names:
+            flow = await self._call("read flow", lambda: self.client.read_flow(flow_id))
+            self._flow_names[flow_id] = flow.name
+        return self._flow_names[flow_id]
+
+    async def result(self, run_id: UUID) -> Any:
+        """The recorded return value of a completed run (see ``results``)."""
+        return await self._call("read result", lambda: read_result(self.client, run_id))
+
+    async def cancel(self, flow_run: FlowRun) -> str:
+        """Ask Prefect to cancel ``flow_run``; return the state name it is now in.
+
+        A run that has not started yet is cancelled at once; a running one is marked
+        CANCELLING, and the process serving it stops it.
+        """
+        state_type = flow_run.state.type if flow_run.state else None
+        not_started = state_type in {StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
+        state: State[Any] = Cancelled() if not_started else Cancelling()
+        await self._call(
+            "cancel flow run",
+            lambda: self.client.set_flow_run_state(flow_run.id, state, force=True),
+        )
+        return "cancelled" if not_started else "cancelling"

@@ -6,11 +6,16 @@ configuration at a time, `runners-orchestrator serve-flows` in a temporary proje
 workflow, `flows/hello.py:hello`. For each configuration:
 
 1. idle cost: the access-log lines written during `--idle` seconds with no runs submitted
-   (requests/second, top endpoints) and the Prefect server's CPU time over that window;
+   (requests/second, top endpoints), and the CPU time of the Prefect server and of the
+   serve-flows process group over that window;
 2. latency: `--runs` flow runs submitted through the API (`create_flow_run_from_deployment`),
-   `--interval` seconds apart; for each, created → first RUNNING state.
+   at least `--interval` seconds apart; for each, created → first RUNNING state, split into
+   created → first PENDING (the runner's poll picked it up) and PENDING → RUNNING (the
+   run's process started). Also the serve-flows group's CPU time per run.
 
-The first row is the Prefect server alone (no serve-flows): its own idle traffic.
+The first row is the Prefect server alone (no serve-flows): its own idle traffic. The
+machine's 1-minute load average is printed per configuration: the spawn figures depend on
+free CPU (each spawned run imports Prefect again), so compare them on a quiet machine.
 
 Usage: python bench/serve_latency.py [--runs 20] [--interval 1.0] [--idle 20]
        [--only 1 3] [--default-runs N] [--keep]
@@ -75,10 +80,40 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: [0] is the state (Linux)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time of one process."""
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time of a process group's live members, with that of the children they reaped.
+
+    A flow run's process is reaped by serve-flows (spawn) or by its fork server (fork),
+    so its CPU time shows up here once it has exited.
+    """
+    total = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = proc_stat(pid)
+            total += sum(int(f) for f in fields[11:15])
+    return total / CLOCK_TICKS
+
+
+def group_pids(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = proc_stat(stat.parent.name)
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(stat.parent.name)
+    return pids
 
 
 def endpoint(method: str, path: str) -> str:
@@ -132,14 +167,12 @@ def stop(proc: subprocess.Popen, name: str, timeout: float = 30) -> float:
 
 
 def group_members(pgid: int) -> list[str]:
-    """`pid command` of the live processes in a process group (Linux /proc)."""
+    """`pid command` of the live processes in a process group."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in group_pids(pgid):
         with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                members.append(f"{stat.parent.name} {cmd[:90]}")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            members.append(f"{pid} {cmd[:90]}")
     return members
 
 
@@ -162,6 +195,14 @@ class Row:
     idle_requests: int = 0
     idle_seconds: float = 0.0
     idle_cpu: float = 0.0
+    """Prefect server CPU seconds during the idle window."""
+    serve_idle_cpu: float = 0.0
+    """serve-flows process group CPU seconds during the idle window."""
+    serve_run_cpu: float = 0.0
+    """serve-flows process group CPU seconds from the first submission to the last finish."""
+    load: float = float("nan")
+    """1-minute load average at the end of the latency phase."""
+    failure: str = ""
     top: list[tuple[str, int]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     """created -> first RUNNING, per run that reached RUNNING."""
@@ -176,13 +217,18 @@ class Row:
     stop_seconds: float | None = None
 
 
-def measure_idle(row: Row, access: AccessLog, server_pid: int, seconds: float) -> None:
+def measure_idle(
+    row: Row, access: AccessLog, server_pid: int, seconds: float, serve_pgid: int | None = None
+) -> None:
     access.mark()
+    serve0 = group_cpu_seconds(serve_pgid) if serve_pgid else 0.0
     cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
     time.sleep(seconds)
     lines = access.since_mark()
     row.idle_seconds = time.monotonic() - t0
     row.idle_cpu = cpu_seconds(server_pid) - cpu0
+    if serve_pgid:
+        row.serve_idle_cpu = group_cpu_seconds(serve_pgid) - serve0
     row.idle_requests = len(lines)
     row.top = collections.Counter(lines).most_common(3)
 
@@ -242,6 +288,152 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def start_server(tmp: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    with (tmp / "prefect-server.log").open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    api: str
+    env: dict[str, str]
+    """serve-flows' environment."""
+    server: subprocess.Popen
+    access: AccessLog
+
+    def configuration(self, number: int, name: str, poll: str, start: str) -> Row:
+        """Start serve-flows, measure idle cost then latency, stop it."""
+        args, api = self.args, self.api
+        row = Row(name)
+        runs = args.default_runs if number == 1 and args.default_runs else args.runs
+        serve_log = self.tmp / f"serve-flows-{number}.log"
+        log(f"{name}: starting serve-flows")
+        command = [sys.executable, "-m", "runners_orchestrator.cli", "serve-flows"]
+        command += ["--poll", poll, "--start", start, "--log-level", "warning"]
+        with serve_log.open("wb") as out:
+            serve = subprocess.Popen(
+                command,
+                cwd=self.tmp / "project",
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            launched = time.monotonic()
+            wait_until(
+                lambda: (
+                    httpx.get(f"{api}/deployments/name/hello/hello", timeout=2).status_code == 200
+                ),
+                "the deployment hello/hello",
+                90,
+                serve,
+                serve_log,
+            )
+            log(f"  deployment registered {time.monotonic() - launched:.1f} s after start")
+            time.sleep(args.settle)
+            log(f"  {args.idle:.0f} s idle")
+            measure_idle(row, self.access, self.server.pid, args.idle, serve.pid)
+            if serve.poll() is None:
+                log(f"  {runs} runs, at least {args.interval} s apart")
+                finish_timeout = 60 + 3 * float(poll)
+                cpu0 = group_cpu_seconds(serve.pid)
+                asyncio.run(measure_latency(row, runs, args.interval, finish_timeout))
+                row.serve_run_cpu = group_cpu_seconds(serve.pid) - cpu0
+                row.load = os.getloadavg()[0]
+            if serve.poll() is not None:
+                # Not by us: we have not stopped it yet. The measurement is void.
+                tail = serve_log.read_text(errors="replace").strip().splitlines()[-3:]
+                row.failure = f"serve-flows exited ({serve.returncode}) during the measurement"
+                log(f"  {row.failure}; its log ends: {' | '.join(tail)}")
+        finally:
+            row.stop_seconds = stop(serve, "serve-flows")
+            log(f"  serve-flows stopped {row.stop_seconds:.1f} s after SIGTERM")
+        # The next serve-flows registers it again: that is how we know it is up.
+        deployment = httpx.get(f"{api}/deployments/name/hello/hello", timeout=5)
+        if deployment.status_code == 200:
+            url = f"{api}/deployments/{deployment.json()['id']}"
+            httpx.delete(url, timeout=5).raise_for_status()
+        return row
+
+
+def report(args: argparse.Namespace, rows: list[Row]) -> None:
+    print(
+        f"Prefect server (SQLite) + serve-flows on {os.cpu_count()} CPUs; idle window "
+        f"{args.idle:.0f} s; runs submitted at least {args.interval} s apart; "
+        "latency = flow run created -> first RUNNING"
+    )
+    print(f"{'configuration':<46}{'done':>7}{'p50 s':>8}{'p95 s':>8}{'idle req/s':>12}")
+    for row in rows:
+        rps = row.idle_requests / row.idle_seconds if row.idle_seconds else float("nan")
+        if row.submitted:
+            lat = row.latencies
+            done = f"{row.completed}/{row.submitted}"
+            timing = f"{done:>7}{percentile(lat, 50):>8.2f}{percentile(lat, 95):>8.2f}"
+        else:
+            timing = f"{'-':>7}{'-':>8}{'-':>8}"
+        print(f"{row.name:<46}{timing}{rps:>12.2f}{' INVALID' if row.failure else ''}")
+
+    print("\ndetails")
+    print(
+        f"{'configuration':<46}{'max s':>7}{'pickup':>8}{'start':>7}{'create':>8}"
+        f"{'load':>6}{'srv idle':>10}{'sf idle':>9}{'sf CPU':>8}"
+    )
+    print(
+        f"{'':<46}{'':>7}{'p50 s':>8}{'p50 s':>7}{'max s':>8}"
+        f"{'1m':>6}{'CPU %':>10}{'CPU %':>9}{'s/run':>8}"
+    )
+    for row in rows:
+        srv = 100 * row.idle_cpu / row.idle_seconds if row.idle_seconds else float("nan")
+        if row.submitted:
+            sf_idle = 100 * row.serve_idle_cpu / row.idle_seconds
+            details = (
+                f"{max(row.latencies, default=float('nan')):>7.2f}"
+                f"{percentile(row.pickups, 50):>8.2f}{percentile(row.starts, 50):>7.2f}"
+                f"{max(row.create_seconds):>8.2f}{row.load:>6.2f}{srv:>10.1f}{sf_idle:>9.1f}"
+                f"{row.serve_run_cpu / row.submitted:>8.2f}"
+            )
+        else:
+            details = f"{'-':>7}{'-':>8}{'-':>7}{'-':>8}{'-':>6}{srv:>10.1f}{'-':>9}{'-':>8}"
+        print(f"{row.name:<46}{details}")
+    print(
+        "pickup = created -> first PENDING (the runner's poll found it); start = first PENDING"
+        " -> first RUNNING (the run's process starting);\ncreate = slowest"
+        " create_flow_run_from_deployment call; load = 1-minute load average after the runs;"
+        "\nsf = the serve-flows process group (with the flow run processes it reaped); sf CPU"
+        " s/run = its CPU time from the first submission to the last finish, per run"
+    )
+    for row in rows:
+        if row.failure:
+            print(f"INVALID {row.name}: {row.failure}")
+
+    print("\ntop idle endpoints (requests in the idle window)")
+    for row in rows:
+        top = ", ".join(f"{path} x{count}" for path, count in row.top) or "none"
+        print(f"  {row.name}: {top}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
@@ -259,7 +451,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the logs and the database")
     args = parser.parse_args()
 
-    load_start = f"{os.getloadavg()[0]:.2f}"
     tmp = Path(tempfile.mkdtemp(prefix="serve-latency-"))
     project, home = tmp / "project", tmp / "prefect-home"
     (project / "flows").mkdir(parents=True)
@@ -283,134 +474,30 @@ def main() -> None:
     for key in [k for k in os.environ if k.startswith("PREFECT_") and k not in client_env]:
         del os.environ[key]
 
-    server_log = tmp / "prefect-server.log"
     log(f"temporary files in {tmp}; Prefect server on {api}")
     rows: list[Row] = []
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=tmp,
-            env=server_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_server(tmp, port, server_env)
     try:
         wait_until(
             lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200,
             "the Prefect server's /api/health",
             90,
             server,
-            server_log,
+            tmp / "prefect-server.log",
         )
-        access = AccessLog(server_log)
+        bench = Bench(args, tmp, api, client_env, server, AccessLog(tmp / "prefect-server.log"))
         time.sleep(args.settle)
         row = Row("Prefect server alone (no serve-flows)")
         log(f"{row.name}: {args.idle:.0f} s idle")
-        measure_idle(row, access, server.pid, args.idle)
+        measure_idle(row, bench.access, server.pid, args.idle)
         rows.append(row)
-
-        chosen = [
-            (n, c) for n, c in enumerate(CONFIGURATIONS, 1) if not args.only or n in args.only
-        ]
-        for number, (name, poll, start) in chosen:
-            row = Row(name)
-            runs = args.default_runs if number == 1 and args.default_runs else args.runs
-            serve_log = tmp / f"serve-flows-{number}.log"
-            log(f"{name}: starting serve-flows")
-            with serve_log.open("wb") as out:
-                serve = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "runners_orchestrator.cli",
-                        "serve-flows",
-                        "--poll",
-                        poll,
-                        "--start",
-                        start,
-                        "--log-level",
-                        "warning",
-                    ],
-                    cwd=project,
-                    env=client_env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            try:
-                launched = time.monotonic()
-                wait_until(
-                    lambda: (
-                        httpx.get(f"{api}/deployments/name/hello/hello", timeout=2).status_code
-                        == 200
-                    ),
-                    "the deployment hello/hello",
-                    90,
-                    serve,
-                    serve_log,
-                )
-                log(f"  deployment registered {time.monotonic() - launched:.1f} s after start")
-                time.sleep(args.settle)
-                log(f"  {args.idle:.0f} s idle")
-                measure_idle(row, access, server.pid, args.idle)
-                log(f"  {runs} runs, {args.interval} s apart")
-                finish_timeout = 60 + 3 * float(poll)
-                asyncio.run(measure_latency(row, runs, args.interval, finish_timeout))
-            finally:
-                row.stop_seconds = stop(serve, "serve-flows")
-                log(f"  serve-flows stopped {row.stop_seconds:.1f} s after SIGTERM")
-            rows.append(row)
-            # The next serve-flows registers it again: that is how we know it is up.
-            deployment = httpx.get(f"{api}/deployments/name/hello/hello", timeout=5).json()
-            httpx.delete(f"{api}/deployments/{deployment['id']}", timeout=5).raise_for_status()
+        for number, (name, poll, start) in enumerate(CONFIGURATIONS, 1):
+            if not args.only or number in args.only:
+                rows.append(bench.configuration(number, name, poll, start))
     finally:
         stop(server, "Prefect server")
 
-    print(
-        f"Prefect server (SQLite) + serve-flows, {args.idle:.0f} s idle window, "
-        f"runs {args.interval} s apart; latency = flow run created -> first RUNNING"
-    )
-    print(
-        f"{os.cpu_count()} CPUs; load average at start {load_start}, at end {os.getloadavg()[0]:.2f}"
-    )
-    print(
-        f"{'configuration':<46}{'runs':>5}{'done':>5}{'p50 s':>7}{'p95 s':>7}{'max s':>7}"
-        f"{'pickup p50':>11}{'start p50':>10}{'idle req/s':>11}{'srv CPU %':>10}"
-    )
-    for row in rows:
-        rps = row.idle_requests / row.idle_seconds
-        cpu = 100 * row.idle_cpu / row.idle_seconds
-        if row.submitted:
-            lat = row.latencies
-            timing = (
-                f"{row.submitted:>5}{row.completed:>5}{percentile(lat, 50):>7.2f}"
-                f"{percentile(lat, 95):>7.2f}{max(lat, default=float('nan')):>7.2f}"
-                f"{percentile(row.pickups, 50):>11.2f}{percentile(row.starts, 50):>10.2f}"
-            )
-        else:
-            timing = f"{'-':>5}{'-':>5}{'-':>7}{'-':>7}{'-':>7}{'-':>11}{'-':>10}"
-        print(f"{row.name:<46}{timing}{rps:>11.2f}{cpu:>10.1f}")
-    print(
-        "pickup = created -> first PENDING (the runner's poll); "
-        "start = first PENDING -> first RUNNING (the run's process starting)"
-    )
-    print("\ntop idle endpoints (requests in the idle window)")
-    for row in rows:
-        top = ", ".join(f"{path} x{count}" for path, count in row.top) or "none"
-        print(f"  {row.name}: {top}")
+    report(args, rows)
     if args.keep:
         print(f"\nlogs: {tmp}")
     else:

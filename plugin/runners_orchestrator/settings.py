@@ -158,7 +158,7 @@ class OrchestratorSettings(BaseSettings):
         default=4, ge=1, description="Run creations sent to Prefect at once, per API process."
     )
     prefect_write_attempts: int = Field(
-        default=6, ge=1, description="Attempts of a Prefect write that meets a transient error."
+        default=10, ge=1, description="Attempts of a Prefect call that meets a transient error."
     )
     max_concurrency: int = Field(
         default=10, ge=1, le=10_000, description="Default jobs in flight per orchestration."

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 from prefect.settings import PREFECT_API_URL
 
 from helpers import CLI, TcpProxy, serve_app
@@ -313,7 +315,7 @@ async def test_prefect_unreachable_is_503_and_the_api_recovers(stack, prefect_se
     prefect_port = urlsplit(str(PREFECT_API_URL.value())).port
     proxy = TcpProxy(prefect_port)
     proxy.start()
-    settings = load_settings(ROOT, prefect_write_attempts=2)
+    settings = load_settings(ROOT, prefect_write_attempts=5)
     app = create_app(
         OrchestratorConfig(
             settings=settings,
@@ -337,3 +339,77 @@ async def test_prefect_unreachable_is_503_and_the_api_recovers(stack, prefect_se
                 assert back.status_code == 202
     finally:
         proxy.close()
+
+
+async def test_openapi_has_each_workflow_body_schema(api):
+    document = (await api.get("/schema/openapi.json")).json()
+    start = document["paths"][f"{PREFIX}/orchestrate_runners"]["post"]
+    body = start["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["jobs"]
+    assert body["properties"]["jobs"]["items"] == {"$ref": "#/components/schemas/RunnerJob"}
+    job = document["components"]["schemas"]["RunnerJob"]
+    assert set(job["required"]) == {"url", "runners"}
+    assert start["description"].startswith("Run every job")
+    assert f"{PREFIX}/execute_single_runner" in document["paths"]
+
+
+def _loopback_urls(node: Any, page: str) -> Any:
+    """Point every generated URL at the local page: no test sends traffic off loopback."""
+    if isinstance(node, dict):
+        return {k: page if k == "url" else _loopback_urls(v, page) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_loopback_urls(item, page) for item in node]
+    return node
+
+
+def test_schemathesis_finds_no_server_error(stack):
+    # Schemathesis's pytest plugin does not load under pytest 9 here, so its strategies
+    # are driven with Hypothesis directly: the same generated cases, the same checks.
+    schema = schemathesis.openapi.from_url(f"{stack['api']}/schema/openapi.json")
+    cases: list[tuple[str, str, int]] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=12,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+        )
+        def check(case: Any) -> None:
+            if isinstance(case.body, dict | list):
+                case.body = _loopback_urls(case.body, stack["page"])
+            response = case.call(timeout=30)
+            cases.append((case.method, case.path, response.status_code))
+            assert response.status_code < 500, (
+                case.method,
+                case.path,
+                case.body,
+                response.text[:500],
+            )
+
+        check()
+    operations = {(method, path) for method, path, _ in cases}
+    print(f"schemathesis: {len(cases)} cases over {len(operations)} operations, no 5xx")  # noqa: T201
+    assert len(operations) >= 7
+    assert any(status == 202 for _, _, status in cases)  # valid bodies did start runs
+
+
+async def test_twenty_concurrent_clients_all_get_their_202(api, stack):
+    # Prefect's SQLite server answers 503 "database is locked" when writes contend; the
+    # API retries behind a bounded number of concurrent writes, so clients never see it.
+    body = {"job": {"url": stack["page"], "runners": ["exampleTitleVisibleTest"]}}
+
+    async def client_starts(n: int) -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(base_url=stack["api"], timeout=60) as own:
+            answers = []
+            for _ in range(n):
+                response = await own.post(f"{PREFIX}/execute_single_runner", json=body)
+                answers.append((response.status_code, response.text[:300]))
+            return answers
+
+    answers = await asyncio.gather(*(client_starts(2) for _ in range(20)))
+    failures = [a for per_client in answers for a in per_client if a[0] != 202]
+    assert failures == []
+    assert sum(len(a) for a in answers) == 40

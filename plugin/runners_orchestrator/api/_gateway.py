@@ -57,9 +57,9 @@ class PrefectGateway:
 
     client: PrefectClient
     write_concurrency: int = 4
-    attempts: int = 6
+    attempts: int = 10
     backoff: float = 0.1
-    backoff_max: float = 2.0
+    backoff_max: float = 3.0
     _writes: asyncio.Semaphore = field(init=False)
     _settings: Settings = field(init=False)
     _deployments: dict[str, UUID] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import StateType
 
 from runners_orchestrator.api._errors import ApiError, exception_handlers
 from runners_orchestrator.api._gateway import PrefectGateway
+from runners_orchestrator.api._openapi import add_workflow_operations
 from runners_orchestrator.api._params import bind_parameters, jobs_and_options
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import (
@@ -355,7 +356,18 @@ class OrchestratorPlugin(InitPlugin):
         """Add the routes and the Prefect client's lifespan."""
         app_config.route_handlers.append(_build_router(self._api))
         app_config.lifespan = [*app_config.lifespan, self._api.lifespan]
+        app_config.on_startup = [*app_config.on_startup, self._document_workflows]
         return app_config
+
+    def _document_workflows(self, app: Litestar) -> None:
+        if app.openapi_config is None:
+            return
+        try:
+            discovery = self._api.discovery()
+        except ConfigurationError:
+            logger.exception("workflows could not be discovered for the OpenAPI document")
+            return
+        add_workflow_operations(app, discovery, self._api.prefix)
 
 
 def create_app(config: OrchestratorConfig | None = None, *, debug: bool = False) -> Litestar:

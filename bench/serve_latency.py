@@ -62,10 +62,11 @@ CONFIGURATIONS = [
 
 HELLO = 'async def hello(name: str = "world") -> str:\n    return f"hello {name}"\n'
 
-# uvicorn's access line, as Prefect's log format prints it:
+# One line per request, as Prefect's log format prints uvicorn's: HTTP requests on
+# uvicorn.access, WebSocket handshakes on uvicorn.error:
 #   ... | INFO | uvicorn.access - 127.0.0.1:5555 - "POST /api/x HTTP/1.1" 200
-#   ... | INFO | uvicorn.access - 127.0.0.1:5555 - "WebSocket /api/events/in" [accepted]
-ACCESS = re.compile(r'uvicorn\.access - \S+ - "(\S+) (\S+?)(?: HTTP/[\d.]+)?"')
+#   ... | INFO | uvicorn.error - 127.0.0.1:5555 - "WebSocket /api/events/in" [accepted]
+ACCESS = re.compile(r'uvicorn\.(?:access|error) - \S+ - "(\S+) (\S+?)(?: HTTP/[\d.]+)?"')
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

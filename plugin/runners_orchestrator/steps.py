@@ -37,6 +37,7 @@ from runners_orchestrator.models import (
     SummaryCounts,
 )
 from runners_orchestrator.registry import HealthChecker, ServerPool, registry_from_config
+from runners_orchestrator.reporting import ProgressReporter, publish_summary
 from runners_orchestrator.settings import LoadBalancerConfig, RegistryConfig, get_settings
 
 if TYPE_CHECKING:
@@ -200,6 +201,7 @@ async def execute_runner_batch(
     servers: ServerPool,
     window: asyncio.Semaphore,
     *,
+    progress: ProgressReporter | None = None,
     label: str = "",
     load_balancer: LoadBalancerConfig | str | None = None,
     timeout_ms: int | None = None,
@@ -210,6 +212,7 @@ async def execute_runner_batch(
         jobs: ``(job_id, job)`` pairs.
         servers: the result of ``find_available_servers``.
         window: the run's semaphore: a job starts when any job of the run ends.
+        progress: counts finished jobs for the run page and ``run --wait``.
         label: shown in the task-run name.
         load_balancer: how servers are chosen.
         timeout_ms: the per-job timeout for jobs without one.
@@ -222,7 +225,10 @@ async def execute_runner_batch(
 
     async def one(job_id: str, job: RunnerJob) -> JobResult:
         async with window:
-            return await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms))
+            result = await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms))
+        if progress is not None:
+            await progress.job_done()
+        return result
 
     return list(await asyncio.gather(*(one(job_id, job) for job_id, job in jobs)))
 
@@ -246,7 +252,9 @@ async def aggregate_results(
         The summary: ``completed`` when every job ran, ``failed`` otherwise; counts per
         runner result (a job that could not run counts each of its runners as errored).
     """
-    return summarise(results, jobs, run_id=run_id, created_at=created_at)
+    summary = summarise(results, jobs, run_id=run_id, created_at=created_at)
+    await publish_summary(summary, jobs)
+    return summary
 
 
 def summarise(
@@ -300,13 +308,15 @@ async def dispatch_jobs(
     if options.region is not None:
         jobs = [j if j.region else j.model_copy(update={"region": options.region}) for j in jobs]
     numbered = [(f"job-{index}", job) for index, job in enumerate(jobs, start=1)]
+    progress = ProgressReporter(len(numbered))
+    await progress.start()
 
     if len(numbered) <= settings.task_per_job_limit:
 
         async def one(job_id: str, job: RunnerJob) -> JobResult:
             async with window:
                 server = await select_best_server(servers, balancer, job.region)
-                return await execute_runner(
+                result = await execute_runner(
                     server,
                     job,
                     servers,
@@ -314,6 +324,8 @@ async def dispatch_jobs(
                     load_balancer=balancer,
                     timeout_ms=options.timeout,
                 )
+            await progress.job_done()
+            return result
 
         return list(await asyncio.gather(*(one(job_id, job) for job_id, job in numbered)))
 
@@ -325,6 +337,7 @@ async def dispatch_jobs(
                 batch,
                 servers,
                 window,
+                progress=progress,
                 label=f"{n}/{len(batches)} · jobs {batch[0][0]}…{batch[-1][0]}",
                 load_balancer=balancer,
                 timeout_ms=options.timeout,

@@ -1,0 +1,138 @@
+"""What an orchestration shows on its Prefect run page: progress, a results table, a summary.
+
+- a **progress** artifact, updated as jobs finish (at most every half second), which the
+  CLI's ``run --wait`` reads for its progress bar;
+- a **table** artifact with one row per job and runner: URL, server, region, status, duration;
+- a **markdown** summary: the counts, and every job that could not run, with its reason.
+
+All of it is skipped outside a Prefect run, so the steps stay testable without Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.runtime import flow_run
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from uuid import UUID
+
+    from runners_orchestrator.models import RunnerJob, RunSummary
+
+__all__ = ["ProgressReporter", "publish_summary", "results_table", "summary_markdown"]
+
+logger = logging.getLogger("runners_orchestrator.reporting")
+
+PROGRESS_PREFIX = "jobs done: "
+
+
+def _in_flow_run() -> bool:
+    return flow_run.id is not None
+
+
+class ProgressReporter:
+    """Counts finished jobs into a progress artifact of the current flow run."""
+
+    def __init__(self, total: int, every: float = 0.5) -> None:
+        self.total = total
+        self.done = 0
+        self.every = every
+        self._artifact: UUID | None = None
+        self._last = 0.0
+        self._lock = asyncio.Lock()  # one update at a time, so the last one written is newest
+
+    def _description(self) -> str:
+        return f"{PROGRESS_PREFIX}{self.done}/{self.total}"
+
+    def _percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+    async def start(self) -> None:
+        """Create the artifact (0 %)."""
+        if not _in_flow_run():
+            return
+        try:
+            self._artifact = await acreate_progress_artifact(0.0, description=self._description())
+        except Exception:  # progress is a courtesy: never fail a run for it
+            logger.warning("could not create the progress artifact", exc_info=True)
+
+    async def job_done(self) -> None:
+        """Count one finished job; update the artifact if enough time has passed."""
+        self.done += 1
+        now = time.monotonic()
+        if self.done == self.total or now - self._last >= self.every:
+            self._last = now
+            await self._update()
+
+    async def _update(self) -> None:
+        if self._artifact is None:
+            return
+        async with self._lock:
+            try:
+                await aupdate_progress_artifact(
+                    self._artifact, self._percent(), description=self._description()
+                )
+            except Exception:
+                logger.warning("could not update the progress artifact", exc_info=True)
+
+
+def results_table(summary: RunSummary, jobs: Sequence[RunnerJob]) -> list[dict[str, object]]:
+    """One row per job and runner: URL, runner, status, server, region, duration, detail."""
+    return [
+        {
+            "job": outcome.job_id,
+            "url": job.url,
+            "runner": result.name,
+            "status": result.status,
+            "server": outcome.server or "",
+            "region": outcome.region or "",
+            "duration_ms": "" if result.duration_ms is None else result.duration_ms,
+            "detail": result.error_message or "",
+        }
+        for job, outcome in zip(jobs, summary.jobs, strict=True)
+        for result in outcome.results
+    ]
+
+
+def summary_markdown(summary: RunSummary) -> str:
+    """The run's counts and every job that could not run."""
+    counts = summary.summary
+    lines = [
+        f"## Orchestration {summary.state}",
+        "",
+        (
+            f"**{counts.total}** checks in **{len(summary.jobs)}** jobs: "
+            f"✅ {counts.passed} passed · ❌ {counts.failed} failed · "
+            f"⚠️ {counts.errored} errored · {summary.duration_ms / 1000:.1f} s"
+        ),
+    ]
+    given_up = [job for job in summary.jobs if job.state != "completed"]
+    if given_up:
+        lines += ["", "### Jobs that could not run", ""]
+        lines += [f"- `{job.job_id}` ({job.state}): {job.error}" for job in given_up[:50]]
+        if len(given_up) > 50:  # noqa: PLR2004 - keep the page readable
+            lines.append(f"- … and {len(given_up) - 50} more")
+    return "\n".join(lines)
+
+
+async def publish_summary(summary: RunSummary, jobs: Sequence[RunnerJob]) -> None:
+    """Attach the results table and the summary to the current flow run."""
+    if not _in_flow_run():
+        return
+    try:
+        await acreate_table_artifact(
+            results_table(summary, jobs), description="Every check: one row per job and runner."
+        )
+        await acreate_markdown_artifact(summary_markdown(summary), description="Summary")
+    except Exception:
+        logger.warning("could not attach the results to the run page", exc_info=True)

@@ -13,9 +13,9 @@ $(BIN)/runners-orchestrator: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-## Run the main job (for now: one runner server on http://127.0.0.1:3001/api/runner).
+## Run the main job: Prefect on SQLite, two runner servers, the flows served, the API.
 dev: $(BIN)/runners-orchestrator
-	$(BIN)/runners-orchestrator runner-server --port 3001 --region us-east-1
+	$(BIN)/runners-orchestrator dev
 
 ## Run the test suite.
 test: $(BIN)/runners-orchestrator

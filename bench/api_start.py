@@ -18,6 +18,8 @@ B. load: `--clients` concurrent clients, each making `--per-client` sequential s
    our API and then straight at Prefect with a plain httpx client that does not retry:
    successful starts/s, p95 latency, non-2xx answers (503s counted apart) and transport
    errors; then the flow runs Prefect holds for the deployment, to check every 2xx made one.
+   "errors" are transport errors: after answering 503, Prefect's server drops the
+   keep-alive connection, so a client that does not retry may see ReadError next.
 
 Usage: python bench/api_start.py [--latency-runs 100] [--clients 20] [--per-client 20]
        [--warmup 10] [--keep]
@@ -112,6 +114,12 @@ class Processes:
             time.sleep(0.2)
         raise RuntimeError(f"{name}: no {what} after {timeout:.0f}s:\n{self.tail(name)}")
 
+    def check_alive(self) -> None:
+        """Fail, with the log's tail, if a process this script still needs has exited."""
+        for name, proc in self.running.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.tail(name, 40)}")
+
     def stop(self, name: str, timeout: float = 20) -> None:
         """SIGTERM the process group this script started; SIGKILL what is left after it."""
         proc = self.running.pop(name)
@@ -172,6 +180,9 @@ class Tally:
         if len(self.latencies) < 2:
             return float("nan")
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[q - 1] * 1000
+
+    def max_ms(self) -> float:
+        return max(self.latencies, default=float("nan")) * 1000
 
     def detail(self) -> str:
         parts = [f"{code}x{n}" for code, n in sorted(self.other.items())]
@@ -304,9 +315,12 @@ def main() -> None:
         (lat_ours, lat_raw), warmed = asyncio.run(
             latency([ours, raw], args.latency_runs, args.warmup)
         )
+        procs.check_alive()
         log(f"B: {args.clients} clients x {args.per_client} starts, ours then raw")
         load_ours = asyncio.run(load(ours, args.clients, args.per_client))
+        procs.check_alive()
         load_raw = asyncio.run(load(raw, args.clients, args.per_client))
+        procs.check_alive()
 
         count = httpx.post(
             f"{prefect_api}/flow_runs/count",
@@ -326,14 +340,14 @@ def main() -> None:
             f"A. latency: {args.latency_runs} sequential starts each way, alternated "
             f"(after {args.warmup} unmeasured)"
         )
-        print(f"{'path':<44}{'ok':>6}{'p50 ms':>9}{'p95 ms':>9}{'other':>9}")
+        print(f"{'path':<44}{'ok':>6}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  other")
         for name, tally in (
             (f"ours: POST .../{WORKFLOW} ({OURS_STATUS})", lat_ours),
             (f"raw:  POST .../create_flow_run ({RAW_STATUS})", lat_raw),
         ):
             print(
                 f"{name:<44}{len(tally.latencies):>6}{tally.quantile_ms(50):9.1f}"
-                f"{tally.quantile_ms(95):9.1f}{tally.detail():>9}"
+                f"{tally.quantile_ms(95):9.1f}{tally.max_ms():9.1f}  {tally.detail()}"
             )
         p50 = lat_ours.quantile_ms(50) / lat_raw.quantile_ms(50)
         p95 = lat_ours.quantile_ms(95) / lat_raw.quantile_ms(95)
@@ -345,7 +359,7 @@ def main() -> None:
             f"= {total} each, no client retries"
         )
         print(
-            f"{'path':<8}{'ok':>6}{'wall s':>8}{'ok/s':>8}{'p50 ms':>9}{'p95 ms':>9}"
+            f"{'path':<8}{'ok':>6}{'wall s':>8}{'ok/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}"
             f"{'non-2xx':>9}{'503':>6}{'errors':>8}  detail (latencies: successful starts)"
         )
         for name, tally in (("ours", load_ours), ("raw", load_raw)):
@@ -353,7 +367,7 @@ def main() -> None:
             print(
                 f"{name:<8}{len(tally.latencies):>6}{tally.wall:8.2f}"
                 f"{len(tally.latencies) / tally.wall:8.1f}{tally.quantile_ms(50):9.1f}"
-                f"{tally.quantile_ms(95):9.1f}{tally.non_2xx:>9}{tally.n503:>6}{errors:>8}"
+                f"{tally.quantile_ms(95):9.1f}{tally.max_ms():9.1f}{tally.non_2xx:>9}{tally.n503:>6}{errors:>8}"
                 f"  {tally.detail()}"
             )
         print()
@@ -361,10 +375,13 @@ def main() -> None:
             f"flow runs of {DEPLOYMENT} in Prefect: {count}; expected-status answers, "
             f"warm-up included: {answered}"
         )
+    except BaseException:
+        args.keep = True  # the processes' logs say what went wrong
+        raise
     finally:
         procs.stop_all()
         if args.keep:
-            log(f"kept {tmp}")
+            log(f"kept {tmp} (logs of every process)")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,9 +27,17 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from uuid import UUID
 
+    from prefect.client.orchestration import PrefectClient
+
     from runners_orchestrator.models import RunnerJob, RunSummary
 
-__all__ = ["ProgressReporter", "publish_summary", "results_table", "summary_markdown"]
+__all__ = [
+    "ProgressReporter",
+    "publish_summary",
+    "read_progress",
+    "results_table",
+    "summary_markdown",
+]
 
 logger = logging.getLogger("runners_orchestrator.reporting")
 
@@ -136,3 +144,28 @@ async def publish_summary(summary: RunSummary, jobs: Sequence[RunnerJob]) -> Non
         await acreate_markdown_artifact(summary_markdown(summary), description="Summary")
     except Exception:
         logger.warning("could not attach the results to the run page", exc_info=True)
+
+
+async def read_progress(client: PrefectClient, flow_run_id: UUID) -> tuple[int, int] | None:
+    """``(done, total)`` jobs of a flow run, from its progress artifact, if it has one."""
+    from prefect.client.schemas.filters import (  # noqa: PLC0415
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    artifacts = await client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            type=ArtifactFilterType(any_=["progress"]),
+        ),
+        limit=1,
+    )
+    description = artifacts[0].description if artifacts else None
+    if not description or not description.startswith(PROGRESS_PREFIX):
+        return None
+    done, _, total = description.removeprefix(PROGRESS_PREFIX).partition("/")
+    try:
+        return int(done), int(total)
+    except ValueError:
+        return None

@@ -118,8 +118,6 @@ async def serve_flows(
 
 async def serve_with_reload(command: Sequence[str], watch: Sequence[Path]) -> int:
     """Run ``command`` and restart it whenever a ``.py`` file under ``watch`` changes."""
-    from watchfiles import PythonFilter, awatch  # noqa: PLC0415 - development only
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,13 +125,16 @@ async def serve_with_reload(command: Sequence[str], watch: Sequence[Path]) -> in
     existing = [str(p) for p in watch if p.exists()]
     while True:
         child = await asyncio.create_subprocess_exec(*command, stdin=subprocess.DEVNULL)
-        changes = awatch(*existing, watch_filter=PythonFilter(), stop_event=stop)
-        restart = False
-        async for changed in changes:
-            files = sorted({path for _, path in changed})
-            logger.info("workflow files changed (%s); reloading", ", ".join(files))
-            restart = True
-            break
+        changed = asyncio.ensure_future(_next_change(existing, stop))
+        exited = asyncio.ensure_future(child.wait())
+        await asyncio.wait({changed, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and not stop.is_set():
+            # It stopped on its own (Prefect restarting, a broken file): try again shortly.
+            changed.cancel()
+            logger.warning("serving stopped (exit code %s); restarting in 2s", child.returncode)
+            await asyncio.sleep(2)
+            continue
+        exited.cancel()
         if child.returncode is None:
             child.send_signal(signal.SIGTERM)
         try:
@@ -141,8 +142,17 @@ async def serve_with_reload(command: Sequence[str], watch: Sequence[Path]) -> in
         except TimeoutError:
             child.kill()
             await child.wait()
-        if not restart or stop.is_set():
+        if stop.is_set():
             return 0
+
+
+async def _next_change(folders: Sequence[str], stop: asyncio.Event) -> None:
+    from watchfiles import PythonFilter, awatch  # noqa: PLC0415 - development only
+
+    async for changed in awatch(*folders, watch_filter=PythonFilter(), stop_event=stop):
+        files = sorted({path for _, path in changed})
+        logger.info("workflow files changed (%s); reloading", ", ".join(files))
+        return
 
 
 def reload_command(argv: Sequence[str]) -> list[str]:

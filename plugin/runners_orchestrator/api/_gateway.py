@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings, get_current_s
 from prefect.states import Cancelled, Cancelling
 
 from runners_orchestrator.exceptions import PrefectUnavailableError, RunNotFoundError
+from runners_orchestrator.reporting import read_progress
 from runners_orchestrator.results import read_result
 
 if TYPE_CHECKING:
@@ -164,6 +165,10 @@ class PrefectGateway:
     async def result(self, run_id: UUID) -> Any:
         """The recorded return value of a completed run (see ``results``)."""
         return await self._call("read result", lambda: read_result(self.client, run_id))
+
+    async def progress(self, run_id: UUID) -> tuple[int, int] | None:
+        """``(done, total)`` jobs of a running orchestration, when it reports them."""
+        return await self._call("read progress", lambda: read_progress(self.client, run_id))
 
     async def cancel(self, flow_run: FlowRun) -> str:
         """Ask Prefect to cancel ``flow_run``; return the state name it is now in.

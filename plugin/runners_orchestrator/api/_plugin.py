@@ -295,9 +295,14 @@ def _build_router(api: _Api) -> Router:  # noqa: C901 - one closure per route
         if state == "completed":
             return Response(await api.result_of(flow_run), status_code=200)
         if state in STATUS_CODE:
-            body = {"runId": str(run_id), "status": state, "error": _error_text(flow_run)}
-            return Response(body, status_code=STATUS_CODE[state])
-        return Response({"runId": str(run_id), "status": state}, status_code=202)
+            ended = {"runId": str(run_id), "status": state, "error": _error_text(flow_run)}
+            return Response(ended, status_code=STATUS_CODE[state])
+        body: dict[str, object] = {"runId": str(run_id), "status": state}
+        if state == "running":
+            progress = await api.prefect.progress(run_id)
+            if progress is not None:
+                body["progress"] = {"done": progress[0], "total": progress[1]}
+        return Response(body, status_code=202)
 
     @get("/runs/{run_id:str}", summary="A run's envelope", cache_control=None)
     async def run_envelope(run_id: FromPath[str]) -> dict[str, Any]:

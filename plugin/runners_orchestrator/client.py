@@ -1,0 +1,161 @@
+"""Start a run and follow it, through the HTTP API or straight through Prefect.
+
+What the CLI's ``run`` uses. Both ways answer the same questions — which workflows exist,
+start this one with these parameters, how far is the run, what did it return — so the
+command does not care which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
+
+import httpx
+
+from runners_orchestrator.exceptions import (
+    OrchestratorError,
+    PrefectUnavailableError,
+    WorkflowNotFoundError,
+)
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+    from runners_orchestrator.api._gateway import PrefectGateway
+    from runners_orchestrator.discovery import Discovery
+
+__all__ = ["ApiBackend", "Backend", "PrefectBackend", "RunStartError", "RunState"]
+
+
+class RunStartError(OrchestratorError):
+    """The run could not be started: the message says why (a bad body, no deployment ...)."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run is: ``status`` as the API names it, progress, and the result when done."""
+
+    run_id: str
+    status: str
+    done: int | None = None
+    total: int | None = None
+    result: Any = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run ended (however it ended)."""
+        return self.status in {"completed", "failed", "crashed", "cancelled"}
+
+
+class Backend(Protocol):
+    """A way to start and follow runs."""
+
+    async def workflows(self) -> dict[str, dict[str, Any]]:
+        """Workflow name → its parameter schema."""
+        ...
+
+    async def start(self, name: str, body: dict[str, Any]) -> str:
+        """Start ``name`` with ``body`` as its parameters; return the run id."""
+        ...
+
+    async def state(self, name: str, run_id: str) -> RunState:
+        """The run's state now."""
+        ...
+
+
+class ApiBackend:
+    """Through the orchestrator HTTP API (``ORCHESTRATOR_API_URL``)."""
+
+    def __init__(self, client: httpx.AsyncClient, prefix: str, token: str | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.client.request(method, path, headers=self.headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise PrefectUnavailableError(
+                f"the orchestrator API at {self.client.base_url} does not answer: {exc}"
+            ) from exc
+
+    async def workflows(self) -> dict[str, dict[str, Any]]:
+        """Workflow name → its parameter schema, from the API's list."""
+        response = await self._request("GET", self.prefix)
+        response.raise_for_status()
+        return {w["name"]: w["parameters"] for w in response.json()["workflows"]}
+
+    async def start(self, name: str, body: dict[str, Any]) -> str:
+        """POST the run; the API validates the body."""
+        response = await self._request("POST", f"{self.prefix}/{name}", json=body)
+        if response.status_code != httpx.codes.ACCEPTED:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise RunStartError(f"HTTP {response.status_code}: {message}")
+        return str(response.json()["runId"])
+
+    async def state(self, name: str, run_id: str) -> RunState:
+        """Poll the status route."""
+        response = await self._request("GET", f"{self.prefix}/{name}", params={"runId": run_id})
+        body = response.json()
+        if response.status_code == httpx.codes.OK:
+            return RunState(run_id, "completed", result=body)
+        if response.status_code == httpx.codes.ACCEPTED:
+            progress = body.get("progress") or {}
+            return RunState(run_id, body["status"], progress.get("done"), progress.get("total"))
+        if isinstance(body, dict) and "status" in body:
+            return RunState(run_id, body["status"], error=body.get("error"))
+        raise RunStartError(f"HTTP {response.status_code}: {body.get('message', body)}")
+
+
+class PrefectBackend:
+    """Straight through the Prefect API (``PREFECT_API_URL``), with local discovery."""
+
+    def __init__(self, gateway: PrefectGateway, discovery: Discovery) -> None:
+        self.gateway = gateway
+        self.discovery = discovery
+
+    @property
+    def client(self) -> PrefectClient:
+        """The Prefect client."""
+        return self.gateway.client
+
+    async def workflows(self) -> dict[str, dict[str, Any]]:
+        """Workflow name → its parameter schema, from the project's files."""
+        return {n: self.discovery.workflows[n].parameters for n in self.discovery.names()}
+
+    async def start(self, name: str, body: dict[str, Any]) -> str:
+        """Validate ``body`` as the API would, then create the flow run."""
+        from runners_orchestrator.api._errors import ApiError  # noqa: PLC0415
+        from runners_orchestrator.api._params import bind_parameters  # noqa: PLC0415
+
+        try:
+            workflow = self.discovery.get(name)
+        except WorkflowNotFoundError as exc:
+            raise RunStartError(str(exc)) from None
+        try:
+            _, parameters = bind_parameters(workflow, body)
+        except ApiError as exc:
+            raise RunStartError(exc.message) from None
+        flow_run = await self.gateway.start(workflow, parameters, None)
+        return str(flow_run.id)
+
+    async def state(self, name: str, run_id: str) -> RunState:
+        """Read the flow run, its progress and, once completed, its result."""
+        from runners_orchestrator.api._plugin import STATUS_BY_STATE  # noqa: PLC0415
+
+        del name
+        flow_run = await self.gateway.read(UUID(run_id))
+        state = flow_run.state
+        status = STATUS_BY_STATE.get(state.type, "pending") if state else "pending"
+        if status == "completed":
+            return RunState(run_id, status, result=await self.gateway.result(UUID(run_id)))
+        if status in {"failed", "crashed", "cancelled"}:
+            return RunState(run_id, status, error=state.message if state else None)
+        progress = await self.gateway.progress(UUID(run_id))
+        done, total = progress or (None, None)
+        return RunState(run_id, status, done, total)

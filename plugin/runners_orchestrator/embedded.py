@@ -1,0 +1,286 @@
+"""The embedded default: everything on one machine, in one command (``runners-orchestrator dev``).
+
+Starts, each in its own process group, and in this order:
+
+1. a Prefect server on SQLite under the project's ``.state/prefect`` (unless
+   ``PREFECT_API_URL`` names one that answers), configured to hold up on SQLite;
+2. two runner servers, ``us-east-1`` on ``--runner-port`` and ``eu-west-1`` on the next port,
+   used as the registry when none is configured;
+3. ``serve-flows --reload``: the discovered workflows, served with fast pickup;
+4. the HTTP API on ``--port``.
+
+It prints every URL once everything answers, prefixes each process's log lines with its
+name, and on Ctrl-C or SIGTERM stops every process it started, children included (each
+runs in its own process group, which is signalled as a whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from runners_orchestrator.settings import OrchestratorSettings
+
+__all__ = ["EMBEDDED_PREFECT_ENV", "DevStack", "StackError"]
+
+EMBEDDED_PREFECT_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CLEANUP_RECONCILER_ENABLED": "false",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+}
+"""How the embedded Prefect server is configured to hold up on SQLite.
+
+Prefect's SQLite server meets "database is locked" from its own background services under
+light load (PrefectHQ/prefect#10188, #16299, #19771): a read transaction that must upgrade
+to a write fails at once instead of waiting. The services the embedded default does not use
+(schedules, late-run marking, worker health, pause expiry, automations, vacuum, reconciler,
+telemetry) are turned off, so that what writes is the runs themselves. Event persistence,
+task-run recording and cancellation clean-up stay on: the UI and cancel need them.
+"""
+
+
+class StackError(Exception):
+    """The stack cannot start or a process of it died; the message says which and why."""
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[str]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+def _pump(name: str, stream: IO[str], out: Callable[[str], None]) -> None:
+    for line in stream:
+        out(f"{name:<14}| {line.rstrip()}")
+
+
+def _answers(url: str) -> bool:
+    return httpx.get(url, timeout=2).status_code == httpx.codes.OK
+
+
+def _wait_until(
+    check: Callable[[], bool], what: str, timeout: float, alive: Callable[[], str | None]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = alive()
+        if dead:
+            raise StackError(f"{dead} exited while waiting for {what}")
+        with contextlib.suppress(httpx.HTTPError):
+            if check():
+                return
+        time.sleep(0.1)
+    raise StackError(f"{what} did not answer within {timeout:.0f}s")
+
+
+@dataclass
+class DevStack:
+    """Everything ``dev`` runs; :meth:`run` blocks until a signal or a crash."""
+
+    settings: OrchestratorSettings
+    project_root: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefect_port: int = 4200
+    runner_port: int = 3001
+    log_level: str = "info"
+    workflows: int = 1
+    """How many deployments to wait for before saying "ready"."""
+    state_dir: Path | None = None
+    """Where the embedded Prefect server keeps its SQLite database; ``.state`` by default."""
+    out: Callable[[str], None] = print
+    children: list[_Child] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    # -- processes --------------------------------------------------------------------
+
+    def _start(self, name: str, args: Sequence[str], env: dict[str, str]) -> None:
+        process = subprocess.Popen(  # noqa: S603 - our own CLI and Prefect's
+            list(args),
+            cwd=self.project_root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: stopped with its children
+        )
+        child = _Child(name, process)
+        if process.stdout is not None:
+            pump = threading.Thread(
+                target=_pump, args=(name, process.stdout, self.out), daemon=True
+            )
+            pump.start()
+            child.threads.append(pump)
+        self.children.append(child)
+
+    def _dead(self) -> str | None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                return f"{child.name} (exit code {code})"
+        return None
+
+    def stop(self) -> None:
+        """Stop every process group, newest first; SIGKILL what is left after 10 s."""
+        for child in reversed(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in reversed(self.children):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)  # grandchildren that lingered
+            child.process.wait()
+        self.children.clear()
+
+    # -- the stack --------------------------------------------------------------------
+
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "runners_orchestrator.cli", *args]
+
+    def _prefect_url(self, env: dict[str, str]) -> tuple[str, bool]:
+        """The Prefect API to use, and whether we start it."""
+        external = os.environ.get("PREFECT_API_URL")
+        if external:
+            try:
+                httpx.get(f"{external.rstrip('/')}/health", timeout=2).raise_for_status()
+            except httpx.HTTPError:
+                self.out(f"PREFECT_API_URL={external} does not answer; starting our own server")
+            else:
+                return external.rstrip("/"), False
+        home = (self.state_dir or self.project_root / ".state") / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        env["PREFECT_HOME"] = str(home)
+        env.update(EMBEDDED_PREFECT_ENV)
+        return f"http://127.0.0.1:{self.prefect_port}/api", True
+
+    def _registry(self) -> str | None:
+        if self.settings.registry.servers or os.environ.get("ORCHESTRATOR_REGISTRY"):
+            return None
+        servers = [
+            {
+                "id": region,
+                "url": f"http://127.0.0.1:{self.runner_port + offset}/api/runner",
+                "region": region,
+                "capacity": 32,
+            }
+            for offset, region in enumerate(("us-east-1", "eu-west-1"))
+        ]
+        return json.dumps({"type": "in-memory", "servers": servers})
+
+    def start(self) -> dict[str, str]:
+        """Start everything and wait until it answers; return the URLs to print."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        prefect_api, own_prefect = self._prefect_url(env)
+        env["PREFECT_API_URL"] = prefect_api
+        registry = self._registry()
+        if registry is not None:
+            env["ORCHESTRATOR_REGISTRY"] = registry
+        level = self.log_level
+        if own_prefect:
+            prefect = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
+            self._start(
+                "prefect",
+                [*prefect, "--host", "127.0.0.1", "--port", str(self.prefect_port)],
+                env,
+            )
+        regions = ("us-east-1", "eu-west-1") if registry is not None else ()
+        for offset, region in enumerate(regions):
+            port = str(self.runner_port + offset)
+            args = ("runner-server", "--port", port, "--region", region, "--log-level", level)
+            self._start(f"runner-{region}", self._cli(*args), env)
+        timeout = 120
+        # The flows and the API need Prefect: start them once it answers.
+        _wait_until(
+            lambda: _answers(f"{prefect_api}/health"),
+            f"the Prefect server at {prefect_api}",
+            timeout,
+            self._dead,
+        )
+        self._start("flows", self._cli("serve-flows", "--reload", "--log-level", level), env)
+        api = f"http://{self.host}:{self.port}"
+        serve_args = ("serve", "--host", self.host, "--port", str(self.port), "--log-level", level)
+        self._start("api", self._cli(*serve_args), env)
+        for offset, _region in enumerate(regions):
+            url = f"http://127.0.0.1:{self.runner_port + offset}/api/runner/health"
+            _wait_until(partial(_answers, url), url, timeout, self._dead)
+        _wait_until(
+            lambda: _answers(f"{api}{self.settings.route_prefix}"),
+            f"the API at {api}",
+            timeout,
+            self._dead,
+        )
+        _wait_until(
+            lambda: self._flows_served(prefect_api),
+            "the served workflows",
+            timeout,
+            self._dead,
+        )
+        ui = prefect_api.removesuffix("/api")
+        urls = {
+            "API": f"{api}{self.settings.route_prefix}",
+            "OpenAPI docs": f"{api}/schema",
+            "Prefect UI": ui,
+        }
+        for offset, region in enumerate(regions):
+            urls[f"runner {region}"] = f"http://127.0.0.1:{self.runner_port + offset}/api/runner"
+        return urls
+
+    def _flows_served(self, prefect_api: str) -> bool:
+        response = httpx.post(
+            f"{prefect_api}/deployments/filter",
+            json={"deployments": {"tags": {"all_": ["runners-orchestrator"]}}, "limit": 200},
+            timeout=5,
+        )
+        return response.status_code == httpx.codes.OK and len(response.json()) >= self.workflows
+
+    def run(self) -> int:
+        """Start, print the URLs, and block until Ctrl-C, SIGTERM or a crash."""
+        started = time.monotonic()
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            try:
+                urls = self.start()
+            except KeyboardInterrupt:
+                return 130
+            width = max(len(k) for k in urls)
+            lines = [f"  {name:<{width}}  {url}" for name, url in urls.items()]
+            elapsed = time.monotonic() - started
+            banner = "\n".join(["", f"runners-orchestrator is ready ({elapsed:.1f}s):", *lines, ""])
+            self.out(banner)
+            while not self._stop.is_set():
+                dead = self._dead()
+                if dead:
+                    raise StackError(f"{dead} stopped; stopping the rest")
+                self._stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.stop()
+        return 0

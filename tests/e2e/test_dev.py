@@ -1,0 +1,277 @@
+"""`runners-orchestrator dev` as a user runs it: one command, real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from helpers import CLI, free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).parents[2]
+PREFIX = "/api/orchestrator"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, whatever its session or group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
+    ports = {"api": free_port(), "prefect": free_port(), "runner": free_port()}
+    while True:  # the second runner server takes the next port: it must be free too
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", ports["runner"] + 1))
+            break
+        except OSError:
+            ports["runner"] = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
+    state = tmp_path_factory.mktemp("dev-state")
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "dev",
+            "--port",
+            str(ports["api"]),
+            "--prefect-port",
+            str(ports["prefect"]),
+            "--runner-port",
+            str(ports["runner"]),
+            "--state-dir",
+            str(state),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    started = time.monotonic()
+    seen: list[str] = []
+    while True:
+        try:
+            line = lines.get(timeout=150 - (time.monotonic() - started))
+        except queue.Empty:
+            process.kill()
+            pytest.fail("dev was not ready in 150s:\n" + "\n".join(seen[-40:]))
+        seen.append(line)
+        if "is ready" in line:
+            break
+    ready_in = time.monotonic() - started
+    api = f"http://127.0.0.1:{ports['api']}"
+    info = {"process": process, "api": api, "ports": ports, "ready_in": ready_in, "lines": lines}
+    try:
+        yield info
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+
+def test_ready_banner_and_every_url_answers(dev):
+    ports = dev["ports"]
+    api = dev["api"]
+    assert httpx.get(f"{api}{PREFIX}").json()["orchestrators"] == [
+        "execute_single_runner",
+        "orchestrate_runners",
+    ]
+    assert httpx.get(f"{api}/schema/openapi.json").status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{ports['prefect']}/api/health").json() is True
+    for port, region in ((ports["runner"], "us-east-1"), (ports["runner"] + 1, "eu-west-1")):
+        assert httpx.get(f"http://127.0.0.1:{port}/api/runner/health").json()["region"] == region
+
+
+def test_seed_curl_sequence_and_a_burst_of_starts(dev, pages):
+    api = dev["api"]
+    jobs = [
+        {
+            "url": pages.url("/banner-visible"),
+            "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+            "region": "us-east-1",
+        },
+        {
+            "url": pages.url("/banner-missing"),
+            "runners": ["cookieBannerVisibleTest"],
+            "region": "eu-west-1",
+        },
+    ]
+    started = httpx.post(f"{api}{PREFIX}/orchestrateRunners", json={"jobs": jobs})
+    assert started.status_code == 202
+    status_url = f"{api}{started.json()['statusUrl']}"
+    deadline = time.monotonic() + 60
+    while (done := httpx.get(status_url)).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert done.status_code == 200
+    assert done.json()["summary"] == {"total": 3, "passed": 2, "failed": 1, "errored": 0}
+
+    # A bounded burst: Prefect's SQLite "database is locked" must never reach a user.
+    burst = [
+        httpx.post(
+            f"{api}{PREFIX}/execute_single_runner",
+            json={"job": {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}},
+            timeout=60,
+        ).status_code
+        for _ in range(20)
+    ]
+    assert burst == [202] * 20
+
+
+def run_cli(*args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
+    return subprocess.run(
+        [*CLI, "run", *args],
+        cwd=ROOT,
+        env={**env, **env_extra},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_run_wait_exit_codes(dev, pages, tmp_path):
+    through_api = {"ORCHESTRATOR_API_URL": dev["api"]}
+    passing = tmp_path / "passing.json"
+    passing.write_text(
+        json.dumps([{"url": pages.url("/banner-visible"), "runners": ["cookieBannerVisibleTest"]}])
+    )
+    ok = run_cli("orchestrateRunners", "--jobs", str(passing), "--wait", env_extra=through_api)
+    assert ok.returncode == 0, ok.stderr
+    assert "cookieBannerVisibleTest" in ok.stdout
+    assert "1 checks: 1 passed, 0 failed, 0 errored" in ok.stdout
+
+    failing = tmp_path / "failing.json"
+    failing.write_text(
+        json.dumps(
+            {
+                "jobs": [
+                    {"url": pages.url("/banner-missing"), "runners": ["cookieBannerVisibleTest"]}
+                ]
+            }
+        )
+    )
+    bad = run_cli(
+        "orchestrate_runners",
+        "--jobs",
+        str(failing),
+        "--wait",
+        "--json",
+        "--option",
+        "maxConcurrency=2",
+        env_extra=through_api,
+    )
+    assert bad.returncode == 1, bad.stderr
+    assert json.loads(bad.stdout)["summary"]["failed"] == 1
+
+    job = json.dumps({"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]})
+    prefect = {"PREFECT_API_URL": f"http://127.0.0.1:{dev['ports']['prefect']}/api"}
+    direct = run_cli("execute_single_runner", "--job", job, "--wait", "--json", env_extra=prefect)
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["results"][0]["details"] == {"title": "Peer Test Page"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["nope", "--job", "{}"],
+            "unknown workflow 'nope'; available: execute_single_runner, orchestrate_runners",
+        ),
+        (
+            ["orchestrate_runners", "--jobs", "/nonexistent/jobs.json"],
+            "cannot read jobs file /nonexistent/jobs.json",
+        ),
+        (["orchestrate_runners", "--job", "{not json"], "--job is not valid JSON"),
+        (["orchestrate_runners", "--job", '{"runners": ["x"]}'], "jobs.0.url: Field required"),
+        (["orchestrate_runners"], "one of the arguments --jobs --job is required"),
+    ],
+)
+def test_run_usage_errors_exit_2_with_one_line(dev, args, message):
+    result = run_cli(*args, env_extra={"ORCHESTRATOR_API_URL": dev["api"]})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_port_in_use_is_one_line_naming_the_flag():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "dev", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"runners-orchestrator: error: port {port} on 127.0.0.1 is already in use; "
+        "choose another with --port"
+    )
+
+
+def test_sigterm_stops_every_process_it_started(dev):
+    process = dev["process"]
+    family = descendants(process.pid)
+    assert len(family) >= 5  # prefect, two runner servers, flows, api (and their children)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(family) == set()

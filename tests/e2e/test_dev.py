@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from playwright.async_api import async_playwright
 
 from helpers import CLI, free_port
 
@@ -263,6 +265,67 @@ def test_port_in_use_is_one_line_naming_the_flag():
         f"runners-orchestrator: error: port {port} on 127.0.0.1 is already in use; "
         "choose another with --port"
     )
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and os.environ.get("CI") != "true",
+    reason="needs Debian's chromium (.ci/run installs it; CI never skips this)",
+)
+async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
+    api = dev["api"]
+    jobs = [
+        {
+            "url": pages.url("/banner-visible"),
+            "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+            "region": "us-east-1",
+        },
+        {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"], "region": "eu-west-1"},
+    ]
+    async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+        started = (await client.post(f"{PREFIX}/orchestrateRunners", json={"jobs": jobs})).json()
+        deadline = time.monotonic() + 60
+        while (await client.get(started["statusUrl"])).status_code == 202:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    shots = Path(os.environ.get("SCREENSHOT_DIR", str(ROOT / ".state" / "screenshots")))
+    shots.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the browser
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            await page.goto(started["uiUrl"])
+            await page.get_by_text("Artifacts", exact=True).first.click()
+            table_card = page.get_by_text("Every check: one row per job and runner.").first
+            await table_card.wait_for(timeout=30_000)
+            await page.get_by_text("jobs done: 2/2").first.wait_for(timeout=30_000)
+            await page.screenshot(path=str(shots / "prefect-ui-run.png"))
+            await table_card.click()
+            for text in (
+                "cookieBannerVisibleTest",
+                pages.url("/banner-visible"),
+                "eu-west-1",
+                "pass",
+            ):
+                await page.get_by_text(text, exact=True).first.wait_for(timeout=30_000)
+            await page.screenshot(path=str(shots / "prefect-ui-results.png"))
+        finally:
+            await browser.close()
 
 
 def test_sigterm_stops_every_process_it_started(dev):

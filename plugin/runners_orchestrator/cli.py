@@ -454,7 +454,9 @@ async def _run(args: argparse.Namespace, jobs: list[Any], options: dict[str, Any
                     usage=True,
                 )
             prefect = await stack.enter_async_context(PrefectClient(prefect_url))
-            backend = PrefectBackend(PrefectGateway(prefect), _discover())
+            gateway = PrefectGateway(prefect)
+            stack.push_async_callback(gateway.aclose)
+            backend = PrefectBackend(gateway, _discover())
         workflows = await backend.workflows()
         name = args.name if args.name in workflows else to_snake(args.name)
         if name not in workflows:

@@ -158,7 +158,14 @@ class OrchestratorSettings(BaseSettings):
         default=4, ge=1, description="Run creations sent to Prefect at once, per API process."
     )
     prefect_write_attempts: int = Field(
-        default=10, ge=1, description="Attempts of a Prefect call that meets a transient error."
+        default=30,
+        ge=1,
+        description="Attempts of a Prefect call that meets a transient error (503, ...).",
+    )
+    prefect_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long the API keeps retrying one Prefect call before answering 503.",
     )
     max_concurrency: int = Field(
         default=10, ge=1, le=10_000, description="Default jobs in flight per orchestration."

@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.actions import DeploymentFlowRunCreate
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings, get_current_settings
-from prefect.states import Cancelled, Cancelling
+from prefect.states import Cancelled, Cancelling, Scheduled, to_state_create
 
 from runners_orchestrator.exceptions import PrefectUnavailableError, RunNotFoundError
 from runners_orchestrator.reporting import read_progress
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.objects import FlowRun, State
+    from prefect.client.schemas.objects import State
 
     from runners_orchestrator.discovery import Workflow
 
@@ -58,11 +60,13 @@ class PrefectGateway:
 
     client: PrefectClient
     write_concurrency: int = 4
-    attempts: int = 10
+    attempts: int = 30
+    retry_seconds: float = 30.0
     backoff: float = 0.1
-    backoff_max: float = 3.0
+    backoff_max: float = 2.0
     _writes: asyncio.Semaphore = field(init=False)
     _settings: Settings = field(init=False)
+    _http: httpx.AsyncClient = field(init=False)
     _deployments: dict[str, UUID] = field(default_factory=dict)
     _flow_names: dict[UUID, str] = field(default_factory=dict)
 
@@ -73,6 +77,18 @@ class PrefectGateway:
         self._settings = get_current_settings().copy_with_update(
             updates={PREFECT_CLIENT_MAX_RETRIES: 0}
         )
+        # Run creation, the hot write, goes through a plain httpx client: Prefect's client
+        # sleeps about 2 s after a 503 before returning it even with retries off, which our
+        # own retry makes pointless. Same base URL and headers (auth) as Prefect's client.
+        self._http = httpx.AsyncClient(
+            base_url=f"{str(self.client.api_url).rstrip('/')}/",
+            headers=dict(self.client._client.headers),  # noqa: SLF001 - its auth headers
+            timeout=httpx.Timeout(30.0, connect=5.0),
+        )
+
+    async def aclose(self) -> None:
+        """Close the plain HTTP client (the Prefect client is closed by its owner)."""
+        await self._http.aclose()
 
     @property
     def api_url(self) -> str:
@@ -80,6 +96,7 @@ class PrefectGateway:
         return str(self.client.api_url)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.retry_seconds
         for attempt in range(1, self.attempts + 1):
             try:
                 with SettingsContext(
@@ -91,7 +108,7 @@ class PrefectGateway:
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
-                if attempt == self.attempts:
+                if attempt == self.attempts or time.monotonic() >= deadline:
                     reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                     raise PrefectUnavailableError(
                         f"the Prefect API at {self.api_url} did not answer ({what}): {reason}; "
@@ -131,10 +148,23 @@ class PrefectGateway:
         deployment_id = await self.deployment_id(workflow)
 
         async def create() -> FlowRun:
+            body = DeploymentFlowRunCreate(
+                parameters=parameters,
+                state=to_state_create(Scheduled()),
+                idempotency_key=idempotency_key,
+            ).model_dump(mode="json", exclude_unset=True)
             async with self._writes:
-                return await self.client.create_flow_run_from_deployment(
-                    deployment_id, parameters=parameters, idempotency_key=idempotency_key
+                response = await self._http.post(
+                    f"deployments/{deployment_id}/create_flow_run", json=body
                 )
+            if response.status_code == httpx.codes.NOT_FOUND:
+                raise ObjectNotFound(
+                    http_exc=httpx.HTTPStatusError(
+                        "deployment not found", request=response.request, response=response
+                    )
+                )
+            response.raise_for_status()
+            return FlowRun.model_validate(response.json())
 
         try:
             return await self._call("create flow run", create)

@@ -115,11 +115,13 @@ class _Api:
                 client,
                 write_concurrency=self.settings.prefect_write_concurrency,
                 attempts=self.settings.prefect_write_attempts,
+                retry_seconds=self.settings.prefect_retry_seconds,
             )
             logger.info("orchestrator API at %s, Prefect at %s", self.prefix, api_url)
             try:
                 yield
             finally:
+                await self.gateway.aclose()
                 self.gateway = None
 
     def discovery(self) -> Discovery:

@@ -17,12 +17,14 @@ every job's outcome is still in the returned results.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
 
@@ -188,7 +190,22 @@ async def execute_runner(
     """
     pool = servers or ServerPool(available=[server] if server else [])
     executor = _executor(pool, load_balancer)
-    return await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms), first=server)
+    result = await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms), first=server)
+    _log_outcome(result)
+    return result
+
+
+def _log_outcome(result: JobResult) -> None:
+    """Log a job that could not run on the run's own logger (with its run id in Prefect)."""
+    if result.state == "completed":
+        return
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger("runners_orchestrator.steps")
+    logger.warning(
+        "%s %s after %d attempts: %s", result.job_id, result.state, result.attempts, result.error
+    )
 
 
 @task(
@@ -226,6 +243,7 @@ async def execute_runner_batch(
     async def one(job_id: str, job: RunnerJob) -> JobResult:
         async with window:
             result = await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms))
+        _log_outcome(result)
         if progress is not None:
             await progress.job_done()
         return result

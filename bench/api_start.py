@@ -44,18 +44,11 @@ from pathlib import Path
 
 import httpx
 
+from runners_orchestrator.embedded import EMBEDDED_PREFECT_ENV
+
 ROOT = Path(__file__).parents[1]
 
-QUIET_PREFECT_SERVER = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
-}
+QUIET_PREFECT_SERVER = EMBEDDED_PREFECT_ENV  # how `dev` runs Prefect on SQLite
 
 WORKFLOW = "execute_single_runner"
 DEPLOYMENT = f"{WORKFLOW}/{WORKFLOW}"  # flow name / deployment name, as serve-flows names it

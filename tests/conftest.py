@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from helpers import PageServer, cli_process, free_port, serve_app
+from runners_orchestrator.embedded import EMBEDDED_PREFECT_ENV
 from runners_orchestrator.runner_server import RunnerServerConfig, create_runner_app
 
 if TYPE_CHECKING:
@@ -44,28 +45,13 @@ def cli_runner_server() -> Iterator[str]:
         yield base
 
 
-# Prefect's SQLite server meets "database is locked" from its own background services;
-# the tests need none of these (runs are started directly, nothing is scheduled).
-QUIET_PREFECT_SERVER = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_CLEANUP_RECONCILER_ENABLED": "false",
-}
-
-
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """A real temporary Prefect server (SQLite) for the whole session."""
     from prefect.testing.utilities import prefect_test_harness  # noqa: PLC0415 - slow import
 
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in QUIET_PREFECT_SERVER.items():
+        for key, value in EMBEDDED_PREFECT_ENV.items():
             patch.setenv(key, value)
         with prefect_test_harness(server_startup_timeout=60):
             yield

@@ -23,6 +23,8 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from runners_orchestrator.results import read_artifact
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from uuid import UUID
@@ -148,20 +150,8 @@ async def publish_summary(summary: RunSummary, jobs: Sequence[RunnerJob]) -> Non
 
 async def read_progress(client: PrefectClient, flow_run_id: UUID) -> tuple[int, int] | None:
     """``(done, total)`` jobs of a flow run, from its progress artifact, if it has one."""
-    from prefect.client.schemas.filters import (  # noqa: PLC0415
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterType,
-    )
-
-    artifacts = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            type=ArtifactFilterType(any_=["progress"]),
-        ),
-        limit=1,
-    )
-    description = artifacts[0].description if artifacts else None
+    artifact = await read_artifact(client, flow_run_id, "progress")
+    description = artifact.description if artifact else None
     if not description or not description.startswith(PROGRESS_PREFIX):
         return None
     done, _, total = description.removeprefix(PROGRESS_PREFIX).partition("/")

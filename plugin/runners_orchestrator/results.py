@@ -25,8 +25,15 @@ if TYPE_CHECKING:
     from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import Artifact
 
-__all__ = ["RESULT_ARTIFACT_TYPE", "read_result", "recording_result", "to_json"]
+__all__ = [
+    "RESULT_ARTIFACT_TYPE",
+    "read_artifact",
+    "read_result",
+    "recording_result",
+    "to_json",
+]
 
 RESULT_ARTIFACT_TYPE = "runners-orchestrator-result"
 
@@ -104,26 +111,33 @@ def _resolved(wrapper: Callable[..., Any], fn: Callable[..., Any]) -> Callable[.
     return wrapper
 
 
-async def read_result(client: PrefectClient, flow_run_id: UUID) -> Any:
-    """The recorded return value of a flow run, or ``_MISSING`` when there is none."""
+async def read_artifact(client: PrefectClient, flow_run_id: UUID, kind: str) -> Artifact | None:
+    """The newest artifact of type ``kind`` attached to a flow run, if any."""
     from prefect.client.schemas.filters import (  # noqa: PLC0415
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         ArtifactFilterType,
     )
+    from prefect.client.schemas.sorting import ArtifactSort  # noqa: PLC0415
 
     artifacts = await client.read_artifacts(
         artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            type=ArtifactFilterType(any_=[RESULT_ARTIFACT_TYPE]),
+            type=ArtifactFilterType(any_=[kind]),
         ),
+        sort=ArtifactSort.CREATED_DESC,
         limit=1,
     )
-    if not artifacts:
+    return artifacts[0] if artifacts else None
+
+
+async def read_result(client: PrefectClient, flow_run_id: UUID) -> Any:
+    """The recorded return value of a flow run, or ``_MISSING`` when there is none."""
+    artifact = await read_artifact(client, flow_run_id, RESULT_ARTIFACT_TYPE)
+    if artifact is None:
         return _MISSING
-    data = artifacts[0].data
     # Prefect stores an artifact's data as the JSON text of what was given.
-    return json.loads(data) if isinstance(data, str) else data
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
 def is_missing(value: object) -> bool:

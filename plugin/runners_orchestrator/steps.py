@@ -161,7 +161,9 @@ def _execute_runner_name() -> str:
     job = parameters.get("job")
     if not isinstance(job, RunnerJob):
         return "execute_runner"
-    return f"execute_runner[{job_label(job, parameters.get('server'))}]"
+    label = job_label(job, parameters.get("server"))
+    job_id = parameters.get("job_id")
+    return f"execute_runner[{job_id} · {label}]" if job_id else f"execute_runner[{label}]"
 
 
 @task(name="execute_runner", cache_policy=NONE, task_run_name=_execute_runner_name)

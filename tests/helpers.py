@@ -52,6 +52,15 @@ PAGES: dict[str, str] = {
 }
 
 
+_barriers: dict[str, threading.Barrier] = {}
+_barriers_lock = threading.Lock()
+
+
+def _barrier(key: str, parties: int) -> threading.Barrier:
+    with _barriers_lock:
+        return _barriers.setdefault(key, threading.Barrier(parties, timeout=10))
+
+
 class _PageHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -62,6 +71,14 @@ class _PageHandler(BaseHTTPRequestHandler):
             self._send(302, b"", {"Location": query["to"][0]})
         elif parts.path == "/slow":
             time.sleep(float(query.get("s", ["2"])[0]))
+            self._send(200, PAGES["/title"].encode())
+        elif parts.path == "/barrier":
+            # Answers only when `n` requests with this key are waiting together.
+            try:
+                _barrier(query["key"][0], int(query["n"][0])).wait()
+            except threading.BrokenBarrierError:
+                self._send(504, b"<html><title></title></html>")
+                return
             self._send(200, PAGES["/title"].encode())
         elif parts.path == "/big":
             self._send(200, b"<html>" + b"x" * int(query["n"][0]) + b"</html>")

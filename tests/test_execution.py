@@ -132,7 +132,7 @@ async def test_hung_server_times_out_within_the_job_timeout(pages):
     assert result.state == "timed_out"
     assert result.error is not None
     assert result.error.startswith("job timed out after 0.5s")
-    assert elapsed < 1.5
+    assert elapsed < 5  # far below the server's hang: the job timeout cut it
 
 
 async def test_hung_server_is_abandoned_for_a_peer_after_the_request_timeout(pages, runner_url):
@@ -164,7 +164,7 @@ async def test_429_on_the_only_server_waits_retry_after_and_retries(pages):
         result = await executor(avail("only", base)).run(job(pages), "job-1", timeout=10)
         elapsed = asyncio.get_running_loop().time() - started
     assert result.state == "completed"
-    assert 0.3 <= elapsed < 2
+    assert 0.3 <= elapsed < 5  # waited Retry-After, then went on
 
 
 async def test_no_server_in_the_region_fails_with_the_reason(pages, runner_url):

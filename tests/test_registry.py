@@ -79,7 +79,7 @@ async def test_hung_health_probe_times_out_quickly():
             started = asyncio.get_running_loop().time()
             pool = await checker.check(client, [config("hung", base)])
             elapsed = asyncio.get_running_loop().time() - started
-    assert elapsed < 1
+    assert elapsed < 3  # the probe timeout, not the silent server, ended it
     assert pool.unavailable[0].reason == "health probe timed out after 0.3s"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -101,17 +102,18 @@ async def test_page_answering_5xx_is_an_error_result(client, runner_url, pages: 
 
 
 async def test_runners_run_concurrently_in_request_order(client, runner_url, pages: PageServer):
+    # The barrier page answers only once two requests wait on it at the same time: run one
+    # after the other, the first would time out and fail.
+    barrier = pages.url(f"/barrier?key={uuid.uuid4()}&n=2")
     body = {
         "runners": [
-            {"name": "exampleTitleVisibleTest", "input": {"url": pages.url("/slow?s=1")}},
+            {"name": "exampleTitleVisibleTest", "input": {"url": barrier}},
             {"name": "cookieBannerVisibleTest", "input": {"url": pages.url("/banner-visible")}},
-            {"name": "exampleTitleVisibleTest", "input": {"url": pages.url("/slow?s=1")}},
+            {"name": "exampleTitleVisibleTest", "input": {"url": barrier}},
         ],
         "runId": "run-42",
     }
-    started = asyncio.get_running_loop().time()
     response = await execute(client, runner_url, body)
-    elapsed = asyncio.get_running_loop().time() - started
     assert response.status_code == 200
     data = response.json()
     assert data["runId"] == "run-42"
@@ -122,8 +124,6 @@ async def test_runners_run_concurrently_in_request_order(client, runner_url, pag
         "cookieBannerVisibleTest",
         "exampleTitleVisibleTest",
     ]
-    # Two one-second pages side by side, not one after the other.
-    assert elapsed < 1.9
 
 
 async def test_top_level_url_wins_over_runner_input(client, runner_url, pages: PageServer):
@@ -275,7 +275,7 @@ async def test_runner_timeout_is_an_error_and_server_stays_up(client, custom_run
     hung, title = response.json()["results"]
     assert hung["status"] == "error"
     assert hung["errorMessage"] == "runner hangs timed out after 0.5s"
-    assert 450 <= hung["durationMs"] < 2000
+    assert 450 <= hung["durationMs"] < 5000
     assert title["status"] == "pass"
     health = await client.get(f"{custom_runner_url}/api/runner/health")
     assert health.json()["inFlight"] == 0
@@ -286,7 +286,7 @@ async def test_slow_page_times_out_within_the_runner_timeout(client, custom_runn
         client, custom_runner_url, pages.url("/slow?s=3"), "exampleTitleVisibleTest"
     )
     assert result["status"] == "error"
-    assert result["durationMs"] < 1500
+    assert result["durationMs"] < 2900  # the 0.5 s runner timeout, not the 3 s page
 
 
 async def test_raising_runner_is_an_error_result(client, custom_runner_url, pages):

@@ -63,7 +63,7 @@ class PrefectGateway:
     attempts: int = 30
     retry_seconds: float = 30.0
     backoff: float = 0.1
-    backoff_max: float = 2.0
+    backoff_max: float = 1.0
     _writes: asyncio.Semaphore = field(init=False)
     _settings: Settings = field(init=False)
     _http: httpx.AsyncClient = field(init=False)
@@ -153,10 +153,9 @@ class PrefectGateway:
                 state=to_state_create(Scheduled()),
                 idempotency_key=idempotency_key,
             ).model_dump(mode="json", exclude_unset=True)
-            async with self._writes:
-                response = await self._http.post(
-                    f"deployments/{deployment_id}/create_flow_run", json=body
-                )
+            response = await self._http.post(
+                f"deployments/{deployment_id}/create_flow_run", json=body
+            )
             if response.status_code == httpx.codes.NOT_FOUND:
                 raise ObjectNotFound(
                     http_exc=httpx.HTTPStatusError(
@@ -166,13 +165,17 @@ class PrefectGateway:
             response.raise_for_status()
             return FlowRun.model_validate(response.json())
 
+        # A start keeps its write slot through its retries: requests are served in the
+        # order they got a slot, so none starves behind newcomers while SQLite is busy.
         try:
-            return await self._call("create flow run", create)
+            async with self._writes:
+                return await self._call("create flow run", create)
         except ObjectNotFound:
             # The deployment was deleted since we cached it (a reload, a redeploy): once more.
             self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
             deployment_id = await self.deployment_id(workflow)
-            return await self._call("create flow run", create)
+            async with self._writes:
+                return await self._call("create flow run", create)
 
     async def read(self, run_id: UUID) -> FlowRun:
         """The flow run ``run_id``.

@@ -501,11 +501,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
 
 
+def _add_run_command(commands: Any) -> None:
+    """``run``: the command a CI pipeline uses."""
+    run = commands.add_parser(
+        "run",
+        help="start a workflow run (through the API, or straight through Prefect)",
+        description="Start NAME with jobs; with --wait, follow it and exit 0 only when every "
+        "check passed (1 when any failed or errored, 2 for a usage error).",
+    )
+    run.add_argument("name", metavar="NAME", help="workflow name (snake_case or camelCase)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--jobs", metavar="FILE", help="JSON file: a list of jobs, or {jobs: [...]}"
+    )
+    source.add_argument("--job", metavar="JSON", help="one job as JSON")
+    run.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the run (maxConcurrency=5, region=eu-west-1); repeatable",
+    )
+    run.add_argument("--wait", action="store_true", help="follow the run and print its results")
+    run.add_argument("--json", action="store_true", help="print JSON (the RunSummary) for scripts")
+    run.add_argument(
+        "--api-url", default=None, help="the orchestrator API (default: ORCHESTRATOR_API_URL)"
+    )
+    run.set_defaults(handler=_cmd_run)
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
         description="Orchestrate runner checks as Prefect flows, served over HTTP.",
     )
+    from runners_orchestrator import __version__  # noqa: PLC0415
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -585,31 +617,7 @@ def _build_parser() -> _Parser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
     serve.set_defaults(handler=_cmd_serve)
 
-    run = commands.add_parser(
-        "run",
-        help="start a workflow run (through the API, or straight through Prefect)",
-        description="Start NAME with jobs; with --wait, follow it and exit 0 only when every "
-        "check passed (1 when any failed or errored, 2 for a usage error).",
-    )
-    run.add_argument("name", metavar="NAME", help="workflow name (snake_case or camelCase)")
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--jobs", metavar="FILE", help="JSON file: a list of jobs, or {jobs: [...]}"
-    )
-    source.add_argument("--job", metavar="JSON", help="one job as JSON")
-    run.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the run (maxConcurrency=5, region=eu-west-1); repeatable",
-    )
-    run.add_argument("--wait", action="store_true", help="follow the run and print its results")
-    run.add_argument("--json", action="store_true", help="print JSON (the RunSummary) for scripts")
-    run.add_argument(
-        "--api-url", default=None, help="the orchestrator API (default: ORCHESTRATOR_API_URL)"
-    )
-    run.set_defaults(handler=_cmd_run)
+    _add_run_command(commands)
 
     listing = commands.add_parser(
         "list",

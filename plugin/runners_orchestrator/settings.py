@@ -158,7 +158,7 @@ class OrchestratorSettings(BaseSettings):
         default=4, ge=1, description="Run creations sent to Prefect at once, per API process."
     )
     prefect_write_attempts: int = Field(
-        default=30,
+        default=100,
         ge=1,
         description="Attempts of a Prefect call that meets a transient error (503, ...).",
     )

@@ -282,7 +282,7 @@ async def test_cancel_a_slow_run(api, stack):
     assert cancelled.status_code == 202
     assert cancelled.json() == {"runId": run["runId"], "status": "cancelling"}
     final = await poll(api, run["statusUrl"], timeout=30)
-    assert final.status_code == 409
+    assert final.status_code == 409, final.text
     assert final.json()["status"] == "cancelled"
     envelope = (await api.get(f"{PREFIX}/runs/{run['runId']}")).json()
     assert envelope["status"] == "cancelled"

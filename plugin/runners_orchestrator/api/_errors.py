@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from runners_orchestrator.exceptions import PrefectUnavailableError
+from runners_orchestrator.exceptions import ConfigurationError, PrefectUnavailableError
 
 if TYPE_CHECKING:
     from litestar.types import ExceptionHandlersMap
@@ -75,6 +75,12 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[d
     return error_response(ApiError(exc.status_code, error, exc.detail, details))
 
 
+def _misconfigured(_: Request[Any, Any, Any], exc: ConfigurationError) -> Response[dict[str, Any]]:
+    # The operator's mistake (two workflows with one name, a bad registry ...), not the
+    # client's: a 500 that says what to fix.
+    return error_response(ApiError(500, "configuration_error", str(exc)))
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     logger.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
     message = f"the orchestrator failed to answer: {type(exc).__name__}; see its logs"
@@ -86,6 +92,7 @@ def exception_handlers() -> ExceptionHandlersMap:
     return {
         ApiError: _api_error,
         PrefectUnavailableError: _prefect_unavailable,
+        ConfigurationError: _misconfigured,
         HTTPException: _http_exception,
         Exception: _unexpected,
     }

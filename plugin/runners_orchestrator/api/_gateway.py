@@ -60,7 +60,7 @@ class PrefectGateway:
 
     client: PrefectClient
     write_concurrency: int = 4
-    attempts: int = 30
+    attempts: int = 100
     retry_seconds: float = 30.0
     backoff: float = 0.1
     backoff_max: float = 1.0

@@ -183,3 +183,12 @@ async def test_wrong_number_of_results_is_the_servers_fault(pages, runner_url):
         run = executor(avail("short", base), avail("good", runner_url))
         result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
     assert (result.state, result.server) == ("completed", "good")
+
+
+async def test_retry_after_zero_does_not_spin_on_a_full_server(pages):
+    full = ScriptedRunnerServer().always(429, {"code": "TOO_MANY_REQUESTS"}, {"Retry-After": "0"})
+    with serve_app(full) as base:
+        result = await executor(avail("full", base)).run(job(pages), "job-1", timeout=1)
+    assert result.state == "timed_out"
+    # At most one request per 0.1 s floor, not thousands in a busy loop.
+    assert full.execute_calls <= 12

@@ -109,6 +109,7 @@ def test_environment_wins_over_pyproject(project, monkeypatch):
         ),
         ("ORCHESTRATOR_JOB_TIMEOUT", "-1", "Input should be greater than 0; got -1"),
         ("ORCHESTRATOR_ROUTE_PREFIX", "api", "must start with '/'"),
+        ("ORCHESTRATOR_API_TOKEN", " ", "is empty; unset it to turn authentication off"),
     ],
 )
 def test_bad_values_name_the_setting_the_value_and_the_expectation(

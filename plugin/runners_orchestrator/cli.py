@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 
-from runners_orchestrator.exceptions import ConfigurationError, PrefectUnavailableError
+from runners_orchestrator.exceptions import (
+    ConfigurationError,
+    PrefectUnavailableError,
+    RunNotFoundError,
+)
 from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
@@ -493,11 +497,13 @@ async def _run(args: argparse.Namespace, jobs: list[Any], options: dict[str, Any
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from runners_orchestrator.client import RunStartError  # noqa: PLC0415
+
     jobs = _read_jobs(args)
     options = _read_options(args.option)
     try:
         return asyncio.run(_run(args, jobs, options))
-    except PrefectUnavailableError as exc:
+    except (PrefectUnavailableError, RunStartError, RunNotFoundError) as exc:
         raise CommandError(str(exc)) from None
 
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ApiBackend", "Backend", "PrefectBackend", "RunStartError", "RunState"]
 
+TRANSIENT = frozenset({502, 503, 504})
+"""Answers of the status route that a poller waits out."""
+
 
 class RunStartError(OrchestratorError):
     """The run could not be started: the message says why (a bad body, no deployment ...)."""
@@ -84,7 +87,11 @@ class ApiBackend:
     async def workflows(self) -> dict[str, dict[str, Any]]:
         """Workflow name → its parameter schema, from the API's list."""
         response = await self._request("GET", self.prefix)
-        response.raise_for_status()
+        if response.status_code != httpx.codes.OK:
+            raise RunStartError(
+                f"the orchestrator API at {self.client.base_url} answered "
+                f"HTTP {response.status_code} to the workflow list"
+            )
         return {w["name"]: w["parameters"] for w in response.json()["workflows"]}
 
     async def start(self, name: str, body: dict[str, Any]) -> str:
@@ -99,17 +106,26 @@ class ApiBackend:
         return str(response.json()["runId"])
 
     async def state(self, name: str, run_id: str) -> RunState:
-        """Poll the status route."""
-        response = await self._request("GET", f"{self.prefix}/{name}", params={"runId": run_id})
-        body = response.json()
+        """Poll the status route; a passing outage (503, a proxy's 502) reads as "waiting"."""
+        try:
+            response = await self._request("GET", f"{self.prefix}/{name}", params={"runId": run_id})
+        except PrefectUnavailableError:
+            return RunState(run_id, "waiting")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
         if response.status_code == httpx.codes.OK:
             return RunState(run_id, "completed", result=body)
-        if response.status_code == httpx.codes.ACCEPTED:
+        if response.status_code == httpx.codes.ACCEPTED and isinstance(body, dict):
             progress = body.get("progress") or {}
             return RunState(run_id, body["status"], progress.get("done"), progress.get("total"))
         if isinstance(body, dict) and "status" in body:
             return RunState(run_id, body["status"], error=body.get("error"))
-        raise RunStartError(f"HTTP {response.status_code}: {body.get('message', body)}")
+        if response.status_code in TRANSIENT:
+            return RunState(run_id, "waiting")
+        message = body.get("message", body) if isinstance(body, dict) else response.text[:200]
+        raise RunStartError(f"HTTP {response.status_code}: {message}")
 
 
 class PrefectBackend:

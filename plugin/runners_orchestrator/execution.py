@@ -107,7 +107,8 @@ class _Answer:
 def _retry_after(response: httpx.Response) -> float:
     value = response.headers.get("Retry-After", "1")
     try:
-        return max(0.0, float(value))
+        # A floor, so that "Retry-After: 0" cannot make every job spin on a full server.
+        return max(0.1, float(value))
     except ValueError:
         return 1.0
 
@@ -273,7 +274,11 @@ class _JobRun:
         while True:
             if server is None:
                 wake = self.executor._earliest_free(self.job.region, self.dead)  # noqa: SLF001
-                if wake is not None and wake < self.deadline:
+                if wake is not None:
+                    if wake >= self.deadline:
+                        # Only full servers are left, and none frees up before the deadline.
+                        self.problems.append("every runner server left was at capacity (429)")
+                        return self.timed_out()
                     await asyncio.sleep(max(0.0, wake - time.monotonic()))
                     server = self.executor.select(self.job.region, self.dead)
                     continue

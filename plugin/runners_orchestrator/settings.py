@@ -232,6 +232,15 @@ class OrchestratorSettings(BaseSettings):
             return {"type": value.strip()}
         return _decode_json(value, '{"type": "least-load"} or a type name such as round-robin')
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _blank_token_is_an_error(cls, value: Any) -> Any:
+        # An empty token would accept an empty "Bearer": refuse it rather than leave the
+        # routes open while the operator believes they are guarded.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; unset it to turn authentication off, or set a token")
+        return value
+
     @field_validator("route_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from runners_orchestrator.api._gateway import PrefectRefusedError
 from runners_orchestrator.exceptions import ConfigurationError, PrefectUnavailableError
 
 if TYPE_CHECKING:
@@ -75,6 +76,12 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[d
     return error_response(ApiError(exc.status_code, error, exc.detail, details))
 
 
+def _prefect_refused(
+    _: Request[Any, Any, Any], exc: PrefectRefusedError
+) -> Response[dict[str, Any]]:
+    return error_response(ApiError(409, "prefect_refused", str(exc), {"status": exc.status}))
+
+
 def _misconfigured(_: Request[Any, Any, Any], exc: ConfigurationError) -> Response[dict[str, Any]]:
     # The operator's mistake (two workflows with one name, a bad registry ...), not the
     # client's: a 500 that says what to fix.
@@ -93,6 +100,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         ApiError: _api_error,
         PrefectUnavailableError: _prefect_unavailable,
         ConfigurationError: _misconfigured,
+        PrefectRefusedError: _prefect_refused,
         HTTPException: _http_exception,
         Exception: _unexpected,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.discovery import Workflow
 
-__all__ = ["PrefectGateway"]
+__all__ = ["PrefectGateway", "PrefectRefusedError"]
 
 T = TypeVar("T")
 logger = logging.getLogger("runners_orchestrator.api")
@@ -52,6 +53,23 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code in TRANSIENT_STATUSES
     return False
+
+
+class PrefectRefusedError(Exception):
+    """Prefect refused to create the run (a 4xx other than 404/408/425/429)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"Prefect refused the run (HTTP {status}): {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(body.get("detail", body) if isinstance(body, dict) else body)[:300]
 
 
 @dataclass
@@ -80,10 +98,17 @@ class PrefectGateway:
         # Run creation, the hot write, goes through a plain httpx client: Prefect's client
         # sleeps about 2 s after a 503 before returning it even with retries off, which our
         # own retry makes pointless. Same base URL and headers (auth) as Prefect's client.
+        settings = get_current_settings().api
+        verify: bool | ssl.SSLContext = True
+        if settings.tls_insecure_skip_verify:
+            verify = False
+        elif settings.ssl_cert_file:
+            verify = ssl.create_default_context(cafile=settings.ssl_cert_file)
         self._http = httpx.AsyncClient(
             base_url=f"{str(self.client.api_url).rstrip('/')}/",
             headers=dict(self.client._client.headers),  # noqa: SLF001 - its auth headers
             timeout=httpx.Timeout(30.0, connect=5.0),
+            verify=verify,  # as Prefect's own client: PREFECT_API_SSL_CERT_FILE, ...
         )
 
     async def aclose(self) -> None:
@@ -162,6 +187,10 @@ class PrefectGateway:
                         "deployment not found", request=response.request, response=response
                     )
                 )
+            if response.status_code >= httpx.codes.BAD_REQUEST and not _is_transient(
+                httpx.HTTPStatusError("", request=response.request, response=response)
+            ):
+                raise PrefectRefusedError(response.status_code, _detail(response))
             response.raise_for_status()
             return FlowRun.model_validate(response.json())
 

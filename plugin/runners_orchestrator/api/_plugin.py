@@ -65,6 +65,11 @@ STATUS_BY_STATE = {
 STATUS_CODE = {"failed": 500, "crashed": 500, "cancelled": 409}
 """HTTP status of the status route for runs that ended without a result."""
 
+MAX_HOSTS_CHECKED = 200
+TARGET_CHECK_SECONDS = 3.0
+"""Bounds of the API's early target-policy check (the runner servers check every connect)."""
+"""HTTP status of the status route for runs that ended without a result."""
+
 
 @dataclass
 class OrchestratorConfig:
@@ -187,11 +192,19 @@ class _Api:
             parts = urlsplit(job.url)
             port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
             first_job.setdefault((parts.hostname or "", port), index)
-        outcomes = await asyncio.gather(
-            *(self.policy.resolve(host, port) for host, port in first_job),
-            return_exceptions=True,
-        )
-        for index, outcome in zip(first_job.values(), outcomes, strict=True):
+        # Bounded: a body of thousands of unresolvable names must not hold the request (or
+        # the resolver threads) for minutes. This is early feedback; the runner servers
+        # enforce the policy at every connect, for every host, whatever happens here.
+        checked = list(first_job.items())[:MAX_HOSTS_CHECKED]
+        try:
+            async with asyncio.timeout(TARGET_CHECK_SECONDS):
+                outcomes = await asyncio.gather(
+                    *(self.policy.resolve(host, port) for (host, port), _ in checked),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            return
+        for (_, index), outcome in zip(checked, outcomes, strict=True):
             if isinstance(outcome, TargetNotAllowedError):
                 url = jobs[index].url
                 raise ApiError(

@@ -65,6 +65,10 @@ class StackError(Exception):
     """The stack cannot start or a process of it died; the message says which and why."""
 
 
+class _InterruptedError(Exception):
+    """SIGTERM arrived while the stack was starting: stop what was started."""
+
+
 @dataclass
 class _Child:
     name: str
@@ -138,6 +142,8 @@ class DevStack:
         self.children.append(child)
 
     def _dead(self) -> str | None:
+        if self._stop.is_set():
+            raise _InterruptedError
         for child in self.children:
             code = child.process.poll()
             if code is not None:
@@ -266,7 +272,7 @@ class DevStack:
         try:
             try:
                 urls = self.start()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, _InterruptedError):
                 return 130
             width = max(len(k) for k in urls)
             lines = [f"  {name:<{width}}  {url}" for name, url in urls.items()]

@@ -193,6 +193,12 @@ async def test_execute_single_runner_with_snake_case_name(api, stack):
             "options.turbo",
         ),
         (
+            json.dumps({"jobs": [], "options": {"loadBalancer": "fastest"}}).encode(),
+            400,
+            "invalid_parameters",
+            "unknown load balancer 'fastest'",
+        ),
+        (
             json.dumps(
                 {"jobs": [{"url": "http://169.254.169.254/latest", "runners": ["x"]}]}
             ).encode(),

@@ -24,6 +24,7 @@ from runners_orchestrator.api._errors import ApiError, exception_handlers
 from runners_orchestrator.api._gateway import PrefectGateway
 from runners_orchestrator.api._openapi import add_workflow_operations
 from runners_orchestrator.api._params import bind_parameters, jobs_and_options
+from runners_orchestrator.balancing import load_balancer_from_config
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import (
     ConfigurationError,
@@ -32,7 +33,7 @@ from runners_orchestrator.exceptions import (
     WorkflowNotFoundError,
 )
 from runners_orchestrator.results import is_missing
-from runners_orchestrator.settings import get_settings
+from runners_orchestrator.settings import LoadBalancerConfig, get_settings
 from runners_orchestrator.target_policy import TargetPolicy
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
     from runners_orchestrator.discovery import Discovery, Workflow
+    from runners_orchestrator.models import OrchestrateOptions
     from runners_orchestrator.settings import OrchestratorSettings
 
 __all__ = ["OrchestratorConfig", "OrchestratorPlugin", "create_app"]
@@ -173,8 +175,22 @@ class _Api:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def check_options(self, options: list[OrchestrateOptions]) -> None:
+        for option in options:
+            if option.load_balancer is not None:
+                try:
+                    load_balancer_from_config(LoadBalancerConfig(type=option.load_balancer))
+                except ConfigurationError as exc:
+                    raise ApiError(
+                        400,
+                        "invalid_parameters",
+                        str(exc),
+                        {"issues": [{"path": ["options", "loadBalancer"], "message": str(exc)}]},
+                    ) from None
+
     async def check_targets(self, values: dict[str, Any]) -> None:
         jobs, options = jobs_and_options(values)
+        self.check_options(options)
         if not self.settings.allow_client_registry:
             for index, option in enumerate(options):
                 if option.registry is not None:

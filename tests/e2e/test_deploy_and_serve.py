@@ -97,21 +97,13 @@ async def test_serve_flows_completes_a_run_submitted_through_the_api(project):
         cwd=root,
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,  # nobody reads it: a full pipe must not stall the server
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
+        deployment = await wait_for_deployment("greet/greet", process)
         async with get_client() as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    deployment = await client.read_deployment_by_name("greet/greet")
-                    break
-                except Exception:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"serve-flows did not register: {process.stdout.read()}")  # type: ignore[union-attr]
-                    await asyncio.sleep(0.2)
             run = await client.create_flow_run_from_deployment(
                 deployment.id, parameters={"name": "served"}
             )

@@ -22,10 +22,17 @@ def test_camel_and_snake_case_are_both_accepted():
 def test_wire_form_is_camel_case_without_unset_fields():
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     job = JobResult(
-        job_id="j1", state="completed", started_at=now, completed_at=now, duration_ms=0, attempts=1
+        job_id="j1",
+        job=RunnerJob(url="http://a.example/", runners=["x"]),
+        state="completed",
+        started_at=now,
+        completed_at=now,
+        duration_ms=0,
+        attempts=1,
     )
     assert job.to_wire() == {
         "jobId": "j1",
+        "job": {"url": "http://a.example/", "runners": ["x"]},
         "state": "completed",
         "results": [],
         "attempts": 1,
@@ -33,6 +40,19 @@ def test_wire_form_is_camel_case_without_unset_fields():
         "completedAt": "2026-01-02T03:04:05Z",
         "durationMs": 0,
     }
+
+
+def test_a_job_keeps_the_fields_it_was_given_beyond_the_known_ones():
+    given = {
+        "url": "http://a.example/",
+        "runners": ["x"],
+        "region": "eu-west-1",
+        "name": "checkout page",
+        "tags": ["shop"],
+    }
+    job = RunnerJob.model_validate(given)
+    assert job.to_wire() == given
+    assert RunnerJob.model_validate(job.to_wire()) == job
 
 
 @pytest.mark.parametrize(

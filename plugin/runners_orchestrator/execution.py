@@ -349,6 +349,7 @@ class _JobRun:
             ]
         return JobResult(
             job_id=self.job_id,
+            job=self.job,
             server=where.id if where else (self.tried[-1] if self.tried else None),
             region=where.region if where else self.job.region,
             state=state,

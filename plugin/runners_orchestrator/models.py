@@ -101,7 +101,13 @@ class WireModel(BaseModel):
 
 
 class RunnerJob(WireModel):
-    """One unit of orchestration work: run these runners against this URL."""
+    """One unit of orchestration work: run these runners against this URL.
+
+    Fields beyond these (a ``name``, ``tags``, a ticket number) are kept as they were given
+    and come back in the job's :class:`JobResult`, so a client can label its jobs.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     url: HttpUrl
     """The page the runners check."""
@@ -152,9 +158,14 @@ class SummaryCounts(WireModel):
 
 
 class JobResult(WireModel):
-    """What happened to one job: where it ran, how often it was tried, and its results."""
+    """What happened to one job: where it ran, how often it was tried, and its results.
+
+    ``job`` is the job as it was given, so a result says which URL it is about without
+    matching it to the request by position.
+    """
 
     job_id: str
+    job: RunnerJob
     server: str | None = None
     region: str | None = None
     state: JobState

@@ -26,12 +26,11 @@ from prefect.runtime import flow_run
 from runners_orchestrator.results import read_artifact
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
     from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
 
-    from runners_orchestrator.models import RunnerJob, RunSummary
+    from runners_orchestrator.models import RunSummary
 
 __all__ = [
     "ProgressReporter",
@@ -96,12 +95,12 @@ class ProgressReporter:
                 logger.warning("could not update the progress artifact", exc_info=True)
 
 
-def results_table(summary: RunSummary, jobs: Sequence[RunnerJob]) -> list[dict[str, object]]:
+def results_table(summary: RunSummary) -> list[dict[str, object]]:
     """One row per job and runner: URL, runner, status, server, region, duration, detail."""
     return [
         {
             "job": outcome.job_id,
-            "url": job.url,
+            "url": outcome.job.url,
             "runner": result.name,
             "status": result.status,
             "server": outcome.server or "",
@@ -109,7 +108,7 @@ def results_table(summary: RunSummary, jobs: Sequence[RunnerJob]) -> list[dict[s
             "duration_ms": "" if result.duration_ms is None else result.duration_ms,
             "detail": result.error_message or "",
         }
-        for job, outcome in zip(jobs, summary.jobs, strict=True)
+        for outcome in summary.jobs
         for result in outcome.results
     ]
 
@@ -129,19 +128,21 @@ def summary_markdown(summary: RunSummary) -> str:
     given_up = [job for job in summary.jobs if job.state != "completed"]
     if given_up:
         lines += ["", "### Jobs that could not run", ""]
-        lines += [f"- `{job.job_id}` ({job.state}): {job.error}" for job in given_up[:50]]
+        lines += [
+            f"- `{job.job_id}` {job.job.url} ({job.state}): {job.error}" for job in given_up[:50]
+        ]
         if len(given_up) > 50:  # noqa: PLR2004 - keep the page readable
             lines.append(f"- … and {len(given_up) - 50} more")
     return "\n".join(lines)
 
 
-async def publish_summary(summary: RunSummary, jobs: Sequence[RunnerJob]) -> None:
+async def publish_summary(summary: RunSummary) -> None:
     """Attach the results table and the summary to the current flow run."""
     if not _in_flow_run():
         return
     try:
         await acreate_table_artifact(
-            results_table(summary, jobs), description="Every check: one row per job and runner."
+            results_table(summary), description="Every check: one row per job and runner."
         )
         await acreate_markdown_artifact(summary_markdown(summary), description="Summary")
     except Exception:

@@ -206,7 +206,12 @@ def _log_outcome(result: JobResult) -> None:
     except MissingContextError:
         logger = logging.getLogger("runners_orchestrator.steps")
     logger.warning(
-        "%s %s after %d attempts: %s", result.job_id, result.state, result.attempts, result.error
+        "%s (%s) %s after %d attempts: %s",
+        result.job_id,
+        result.job.url,
+        result.state,
+        result.attempts,
+        result.error,
     )
 
 
@@ -273,7 +278,7 @@ async def aggregate_results(
         runner result (a job that could not run counts each of its runners as errored).
     """
     summary = summarise(results, jobs, run_id=run_id, created_at=created_at)
-    await publish_summary(summary, jobs)
+    await publish_summary(summary)
     return summary
 
 

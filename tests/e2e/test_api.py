@@ -119,7 +119,12 @@ async def test_seed_curl_sequence(api, stack):
             "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
             "region": "us-east-1",
         },
-        {"url": stack["page"], "runners": ["cookieBannerVisibleTest"], "region": "eu-west-1"},
+        {
+            "url": stack["page"],
+            "runners": ["cookieBannerVisibleTest"],
+            "region": "eu-west-1",
+            "name": "banner in Europe",  # the client's own label comes back with its job
+        },
     ]
     started = await api.post(
         f"{PREFIX}/orchestrateRunners", json={"jobs": jobs, "options": {"maxConcurrency": 2}}
@@ -137,6 +142,7 @@ async def test_seed_curl_sequence(api, stack):
     assert summary["runId"] == run_id
     assert summary["summary"] == {"total": 3, "passed": 3, "failed": 0, "errored": 0}
     assert [j["region"] for j in summary["jobs"]] == ["us-east-1", "eu-west-1"]
+    assert [j["job"] for j in summary["jobs"]] == jobs  # every result names its job
     assert "errorMessage" not in summary["jobs"][0]["results"][0]  # unset fields are left out
 
     envelope = (await api.get(f"{PREFIX}/runs/{run_id}")).json()
@@ -154,6 +160,7 @@ async def test_execute_single_runner_with_snake_case_name(api, stack):
     result = (await poll(api, started.json()["statusUrl"])).json()
     assert (result["state"], result["server"]) == ("completed", "eu-1")
     assert result["results"][0]["details"] == {"title": "Shop"}
+    assert result["job"] == job
 
 
 @pytest.mark.parametrize(

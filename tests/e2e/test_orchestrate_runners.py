@@ -82,7 +82,11 @@ async def test_happy_path_across_regions(seed_flows, two_regions, pages, monkeyp
             "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
             "region": "eu-west-1",
         },
-        {"url": pages.url("/title-empty"), "runners": ["exampleTitleVisibleTest"]},
+        {
+            "url": pages.url("/title-empty"),
+            "runners": ["exampleTitleVisibleTest"],
+            "name": "empty title page",  # a label of the client's own comes back with the job
+        },
     ]
     summary, flow_run_id = await run_flow(
         seed_flows["orchestrate_runners"], jobs=jobs, options={"maxConcurrency": 2}
@@ -98,6 +102,7 @@ async def test_happy_path_across_regions(seed_flows, two_regions, pages, monkeyp
     assert [r.status for r in eu.results] == ["fail", "pass"]
     assert anywhere.results[0].status == "fail"
     assert [j.job_id for j in summary.jobs] == ["job-1", "job-2", "job-3"]
+    assert [j.job.to_wire() for j in summary.jobs] == jobs  # each result names its job
 
     names = await task_run_names(flow_run_id)
     assert sum(n.startswith("find_available_servers") for n in names) == 1

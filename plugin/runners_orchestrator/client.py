@@ -7,6 +7,9 @@ command does not care which one it has.
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
@@ -20,6 +23,8 @@ from runners_orchestrator.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from prefect.client.orchestration import PrefectClient
 
     from runners_orchestrator.api._gateway import PrefectGateway
@@ -28,7 +33,10 @@ if TYPE_CHECKING:
 __all__ = ["ApiBackend", "Backend", "PrefectBackend", "RunStartError", "RunState"]
 
 TRANSIENT = frozenset({502, 503, 504})
-"""Answers of the status route that a poller waits out."""
+"""Answers that a poller, and a start, wait out."""
+
+START_WAIT_SECONDS = 60.0
+"""How long a start waits out an API that is not ready yet before giving up."""
 
 
 class RunStartError(OrchestratorError):
@@ -71,14 +79,28 @@ class Backend(Protocol):
 class ApiBackend:
     """Through the orchestrator HTTP API (``ORCHESTRATOR_API_URL``)."""
 
-    def __init__(self, client: httpx.AsyncClient, prefix: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        prefix: str,
+        token: str | None = None,
+        *,
+        start_wait: float = START_WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.start_wait = start_wait
+        self.on_wait = on_wait
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Response:
         try:
-            return await self.client.request(method, path, headers=self.headers, **kwargs)
+            return await self.client.request(
+                method, path, headers={**self.headers, **(headers or {})}, **kwargs
+            )
         except httpx.TransportError as exc:
             raise PrefectUnavailableError(
                 f"the orchestrator API at {self.client.base_url} does not answer: {exc}"
@@ -95,8 +117,29 @@ class ApiBackend:
         return {w["name"]: w["parameters"] for w in response.json()["workflows"]}
 
     async def start(self, name: str, body: dict[str, Any]) -> str:
-        """POST the run; the API validates the body."""
-        response = await self._request("POST", f"{self.prefix}/{name}", json=body)
+        """POST the run; the API validates the body.
+
+        An API that is not ready yet (503 with ``Retry-After``, or a proxy's 502/504) is
+        waited out for up to ``start_wait`` seconds, saying so through ``on_wait``. Every
+        attempt carries the same ``Idempotency-Key``, so a retry after an answer that was
+        lost on the way can never start a second run.
+        """
+        headers = {"Idempotency-Key": f"cli-{uuid.uuid4()}"}
+        deadline = time.monotonic() + self.start_wait
+        while True:
+            response = await self._request(
+                "POST", f"{self.prefix}/{name}", json=body, headers=headers
+            )
+            delay = _retry_delay(response)
+            if delay is None or time.monotonic() + delay > deadline:
+                break
+            if self.on_wait is not None:
+                reason = _message(response)
+                self.on_wait(
+                    f"the API is not ready to start {name} (HTTP {response.status_code}: "
+                    f"{reason}); retrying in {delay:g}s"
+                )
+            await asyncio.sleep(delay)
         if response.status_code != httpx.codes.ACCEPTED:
             try:
                 message = response.json().get("message", response.text)
@@ -126,6 +169,27 @@ class ApiBackend:
             return RunState(run_id, "waiting")
         message = body.get("message", body) if isinstance(body, dict) else response.text[:200]
         raise RunStartError(f"HTTP {response.status_code}: {message}")
+
+
+def _retry_delay(response: httpx.Response) -> float | None:
+    """Seconds to wait before starting again, or ``None`` when the answer is final."""
+    if response.status_code not in TRANSIENT:
+        return None
+    try:
+        seconds = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.2), 10.0)
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        return str(body.get("message", body))
+    return str(body)[:200]
 
 
 class PrefectBackend:

@@ -7,7 +7,12 @@ Starts, each in its own process group, and in this order:
 2. two runner servers, ``us-east-1`` on ``--runner-port`` and ``eu-west-1`` on the next port,
    used as the registry when none is configured;
 3. ``serve-flows --reload``: the discovered workflows, served with fast pickup;
-4. the HTTP API on ``--port``.
+4. the HTTP API on ``--port``, once every workflow's deployment exists.
+
+The API starts last on purpose: a script that waits for the API to answer and then starts a
+run must never meet "no deployment yet". Its process starts in parallel with the flows
+and imports everything, but binds its port only after the deployments are registered (see
+:func:`_wait_for_deployments`), so the order costs no start-up time.
 
 It prints every URL once everything answers, prefixes each process's log lines with its
 name, and on Ctrl-C or SIGTERM stops every process it started, children included (each
@@ -36,7 +41,14 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.settings import OrchestratorSettings
 
-__all__ = ["EMBEDDED_PREFECT_ENV", "DevStack", "StackError"]
+__all__ = [
+    "EMBEDDED_PREFECT_ENV",
+    "DevStack",
+    "StackError",
+    "missing_deployments",
+    "url_host",
+    "wait_for_deployments",
+]
 
 EMBEDDED_PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -59,6 +71,65 @@ to a write fails at once instead of waiting. The services the embedded default d
 telemetry) are turned off, so that what writes is the runs themselves. Event persistence,
 task-run recording and cancellation clean-up stay on: the UI and cancel need them.
 """
+
+
+def url_host(host: str, *, connect: bool = False) -> str:
+    """``host`` as it goes into a URL: IPv6 literals in brackets (``[::1]``).
+
+    With ``connect``, a wildcard bind address (``0.0.0.0``, ``::``) becomes the loopback
+    address of its family, which is where a local client reaches it.
+    """
+    if connect:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"[{host}]" if ":" in host else host
+
+
+def missing_deployments(prefect_api: str, names: Sequence[str]) -> list[str]:
+    """Which of the workflows ``names`` have no deployment of ours in Prefect yet.
+
+    Raises:
+        httpx.HTTPError: Prefect did not answer, or refused the query.
+    """
+    from runners_orchestrator.deployments import GENERATED_TAG  # noqa: PLC0415
+
+    response = httpx.post(
+        f"{prefect_api.rstrip('/')}/deployments/filter",
+        json={
+            "deployments": {"tags": {"all_": [GENERATED_TAG]}, "name": {"any_": list(names)}},
+            "limit": 200,
+        },
+        timeout=5,
+    )
+    response.raise_for_status()
+    found = {deployment["name"] for deployment in response.json()}
+    return [name for name in names if name not in found]
+
+
+def wait_for_deployments(
+    prefect_api: str, names: Sequence[str], timeout: float, out: Callable[[str], None] = print
+) -> None:
+    """Block until every workflow in ``names`` has its deployment (``serve`` in ``dev``).
+
+    Raises:
+        StackError: they did not all appear within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    missing = list(names)
+    said = False
+    while missing:
+        with contextlib.suppress(httpx.HTTPError):
+            missing = missing_deployments(prefect_api, names)
+        if not missing:
+            return
+        if not said:
+            out(f"waiting for the deployments of {', '.join(missing)} before serving")
+            said = True
+        if time.monotonic() >= deadline:
+            raise StackError(
+                f"no deployment for {', '.join(missing)} after {timeout:.0f}s: is "
+                "`runners-orchestrator serve-flows` running against the same Prefect?"
+            )
+        time.sleep(0.1)
 
 
 class StackError(Exception):
@@ -111,8 +182,8 @@ class DevStack:
     prefect_port: int = 4200
     runner_port: int = 3001
     log_level: str = "info"
-    workflows: int = 1
-    """How many deployments to wait for before saying "ready"."""
+    workflows: Sequence[str] = ()
+    """The discovered workflows, whose deployments the API waits for before it answers."""
     state_dir: Path | None = None
     """Where the embedded Prefect server keeps its SQLite database; ``.state`` by default."""
     out: Callable[[str], None] = print
@@ -229,21 +300,18 @@ class DevStack:
             self._dead,
         )
         self._start("flows", self._cli("serve-flows", "--reload", "--log-level", level), env)
-        api = f"http://{self.host}:{self.port}"
         serve_args = ("serve", "--host", self.host, "--port", str(self.port), "--log-level", level)
-        self._start("api", self._cli(*serve_args), env)
+        self._start("api", self._cli(*serve_args, "--wait-for-deployments", str(timeout)), env)
         for offset, _region in enumerate(regions):
             url = f"http://127.0.0.1:{self.runner_port + offset}/api/runner/health"
             _wait_until(partial(_answers, url), url, timeout, self._dead)
+        # The API binds its port only once every workflow's deployment exists: when it
+        # answers, any run it is asked to start can start.
+        api = f"http://{url_host(self.host)}:{self.port}"
+        probe = f"http://{url_host(self.host, connect=True)}:{self.port}"
         _wait_until(
-            lambda: _answers(f"{api}{self.settings.route_prefix}"),
+            lambda: _answers(f"{probe}{self.settings.route_prefix}"),
             f"the API at {api}",
-            timeout,
-            self._dead,
-        )
-        _wait_until(
-            lambda: self._flows_served(prefect_api),
-            "the served workflows",
             timeout,
             self._dead,
         )
@@ -256,14 +324,6 @@ class DevStack:
         for offset, region in enumerate(regions):
             urls[f"runner {region}"] = f"http://127.0.0.1:{self.runner_port + offset}/api/runner"
         return urls
-
-    def _flows_served(self, prefect_api: str) -> bool:
-        response = httpx.post(
-            f"{prefect_api}/deployments/filter",
-            json={"deployments": {"tags": {"all_": ["runners-orchestrator"]}}, "limit": 200},
-            timeout=5,
-        )
-        return response.status_code == httpx.codes.OK and len(response.json()) >= self.workflows
 
     def run(self) -> int:
         """Start, print the URLs, and block until Ctrl-C, SIGTERM or a crash."""

@@ -60,8 +60,22 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
+def start_at_first_answer(api: str, job: dict[str, object], result: dict[str, object]) -> None:
+    """What a script does: wait for the API to answer, then start a run at once."""
+    deadline = time.monotonic() + 150
+    with httpx.Client(timeout=30) as http:
+        while time.monotonic() < deadline:
+            try:
+                if http.get(f"{api}{PREFIX}").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.02)
+        response = http.post(f"{api}{PREFIX}/orchestrate_runners", json={"jobs": [job]})
+        result.update(status=response.status_code, body=response.text)
+
+
 @pytest.fixture(scope="module")
-def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
+def dev(tmp_path_factory, pages) -> Iterator[dict[str, object]]:
     ports = {"api": free_port(), "prefect": free_port(), "runner": free_port()}
     while True:  # the second runner server takes the next port: it must be free too
         try:
@@ -76,6 +90,8 @@ def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
         [
             *CLI,
             "dev",
+            "--host",
+            "::",  # uvicorn binds it IPv6-only: the API is reached on [::1]
             "--port",
             str(ports["api"]),
             "--prefect-port",
@@ -98,6 +114,11 @@ def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
     stdout = process.stdout
     assert stdout is not None
     threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    api = f"http://[::1]:{ports['api']}"
+    first_start: dict[str, object] = {}
+    job = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
+    prober = threading.Thread(target=start_at_first_answer, args=(api, job, first_start))
+    prober.start()
     started = time.monotonic()
     seen: list[str] = []
     while True:
@@ -110,8 +131,18 @@ def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
         if "is ready" in line:
             break
     ready_in = time.monotonic() - started
-    api = f"http://127.0.0.1:{ports['api']}"
-    info = {"process": process, "api": api, "ports": ports, "ready_in": ready_in, "lines": lines}
+    while seen[-1].strip():  # the banner's URLs, up to its closing blank line
+        seen.append(lines.get(timeout=10))
+    prober.join(60)
+    info = {
+        "process": process,
+        "api": api,
+        "ports": ports,
+        "ready_in": ready_in,
+        "lines": lines,
+        "banner": "".join(seen),
+        "first_start": first_start,
+    }
     try:
         yield info
     finally:
@@ -120,9 +151,15 @@ def dev(tmp_path_factory) -> Iterator[dict[str, object]]:
             process.wait(30)
 
 
+def test_a_start_sent_the_moment_the_api_first_answers_is_accepted(dev):
+    assert dev["first_start"]["status"] == 202, dev["first_start"]
+
+
 def test_ready_banner_and_every_url_answers(dev):
     ports = dev["ports"]
     api = dev["api"]
+    banner = dev["banner"]
+    assert f"http://[::]:{ports['api']}/api/orchestrator" in banner  # IPv6 host in brackets
     assert httpx.get(f"{api}{PREFIX}").json()["orchestrators"] == [
         "execute_single_runner",
         "orchestrate_runners",

@@ -48,6 +48,25 @@ async def test_visible_cookie_banner_passes(client, runner_url, pages: PageServe
     assert result["details"] == {"visible": True, "selector": selector, "elementCount": 1}
 
 
+async def test_one_banner_matching_every_selector_counts_once(client, runner_url, pages):
+    url = pages.url("/banner-all-selectors")
+    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    assert result["status"] == "pass"
+    assert result["details"] == {
+        "visible": True,
+        "selector": "[data-cookie-banner]",
+        "elementCount": 1,
+    }
+
+
+async def test_two_distinct_banners_count_two(client, runner_url, pages: PageServer):
+    # The first is hidden: the result names the selector of the visible one.
+    url = pages.url("/banner-two-elements")
+    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    assert result["status"] == "pass"
+    assert result["details"] == {"visible": True, "selector": "#cookie-banner", "elementCount": 2}
+
+
 async def test_missing_cookie_banner_fails(client, runner_url, pages: PageServer):
     url = pages.url("/banner-missing")
     result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")

@@ -190,10 +190,10 @@ class _RunnerServer:
             self.in_flight -= 1
 
     async def _over_capacity(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        """Answer 429, wrapped if the request was: refused already, the body only sets the form.
+        """Answer 429 in the form of the request, which is refused already.
 
-        Reading the body takes no slot and runs nothing; its bytes are on their way anyway.
-        A body that cannot be read or parsed gets the plain form.
+        The body is read only to learn that form: it takes no slot and runs nothing, and its
+        bytes are on their way anyway. A body that cannot be read or parsed gets the plain form.
         """
         data = {"inFlight": self.in_flight, "capacity": self.config.capacity}
         try:

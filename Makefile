@@ -7,6 +7,12 @@ BIN    := $(VENV)/bin
 
 .PHONY: dev test lint bench clean
 
+# The upstream TypeScript orchestrator's oRPC client, which a test drives against our runner server.
+TS_CLIENT := tests/ts_client/node_modules/.package-lock.json
+
+$(TS_CLIENT): tests/ts_client/package-lock.json
+	npm ci --prefix tests/ts_client --no-audit --no-fund --silent
+
 $(BIN)/runners-orchestrator: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -18,7 +24,7 @@ dev: $(BIN)/runners-orchestrator
 	$(BIN)/runners-orchestrator dev
 
 ## Run the test suite.
-test: $(BIN)/runners-orchestrator
+test: $(BIN)/runners-orchestrator $(TS_CLIENT)
 	$(BIN)/pytest
 
 ## Lint, format check and type check, as CI does.

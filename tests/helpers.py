@@ -34,6 +34,14 @@ PAGES: dict[str, str] = {
         '<section data-cookie-banner="v2">Cookies?</section></body></html>'
     ),
     "/banner-missing": "<html><head><title>Plain</title></head><body><p>hi</p></body></html>",
+    "/banner-all-selectors": (
+        '<html><body><div id="cookie-banner" class="cookie-banner" data-cookie-banner>c</div>'
+        "</body></html>"
+    ),
+    "/banner-two-elements": (
+        '<html><body><div class="cookie-banner" hidden>old</div>'
+        '<div id="cookie-banner">new</div></body></html>'
+    ),
     "/banner-hidden-attribute": '<html><body><div id="cookie-banner" hidden>c</div></body></html>',
     "/banner-display-none": (
         '<html><body><div class="cookie-banner" style="color: red; DISPLAY:none">c</div>'

@@ -59,13 +59,27 @@ async def test_typescript_result_names_are_matched_by_position(pages):
     ]
 
 
+async def test_reply_wrapped_by_an_orpc_server_is_read(pages):
+    # A server built on oRPC's RPC handler answers {"json": ...}, even to a plain request.
+    wrapped = {"json": ts_results(("cookie_banner_visible", "pass"), ("unknown", "error"))}
+    orpc = ScriptedRunnerServer().always(200, wrapped)
+    with serve_app(orpc) as base:
+        result = await executor(avail("orpc", base)).run(job(pages), "job-1", timeout=10)
+    assert (result.state, result.attempts) == ("completed", 1)
+    assert [(r.name, r.status) for r in result.results] == [
+        ("cookieBannerVisibleTest", "pass"),
+        ("exampleTitleVisibleTest", "error"),
+    ]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "orpc-wrapped"])
 @pytest.mark.parametrize(
     ("status", "code"),
     [(500, "RUNNER_NOT_FOUND"), (500, "INPUT_VALIDATION_FAILED"), (404, "RUNNER_NOT_FOUND")],
 )
-async def test_job_faults_are_never_retried_nor_failed_over(pages, status, code):
+async def test_job_faults_are_never_retried_nor_failed_over(pages, status, code, wrapped):
     body = {"defined": True, "code": code, "status": status, "message": "nope", "data": {}}
-    first = ScriptedRunnerServer().always(status, body)
+    first = ScriptedRunnerServer().always(status, {"json": body} if wrapped else body)
     peer = ScriptedRunnerServer().always(200, ts_results(("a", "pass"), ("b", "pass")))
     with serve_app(first) as one, serve_app(peer) as two:
         run = executor(avail("one", one), avail("two", two))

@@ -48,6 +48,25 @@ async def test_visible_cookie_banner_passes(client, runner_url, pages: PageServe
     assert result["details"] == {"visible": True, "selector": selector, "elementCount": 1}
 
 
+async def test_one_banner_matching_every_selector_counts_once(client, runner_url, pages):
+    url = pages.url("/banner-all-selectors")
+    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    assert result["status"] == "pass"
+    assert result["details"] == {
+        "visible": True,
+        "selector": "[data-cookie-banner]",
+        "elementCount": 1,
+    }
+
+
+async def test_two_distinct_banners_count_two(client, runner_url, pages: PageServer):
+    # The first is hidden: the result names the selector of the visible one.
+    url = pages.url("/banner-two-elements")
+    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    assert result["status"] == "pass"
+    assert result["details"] == {"visible": True, "selector": "#cookie-banner", "elementCount": 2}
+
+
 async def test_missing_cookie_banner_fails(client, runner_url, pages: PageServer):
     url = pages.url("/banner-missing")
     result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
@@ -210,13 +229,50 @@ async def test_malformed_json_is_bad_request(client, runner_url, raw):
     assert response.json()["message"].startswith("Malformed request.")
 
 
-async def test_orpc_json_wrapper_and_missing_content_type(client, runner_url, pages: PageServer):
+async def test_orpc_wrapped_request_gets_a_wrapped_reply(client, runner_url, pages: PageServer):
+    # Without Content-Type, too: the oRPC client reads nothing but the reply's `json` member.
     body = {"json": {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}}
     response = await client.post(
         f"{runner_url}/api/runner/execute", content=json.dumps(body).encode()
     )
     assert response.status_code == 200
-    assert response.json()["results"][0]["status"] == "pass"
+    reply = response.json()
+    assert list(reply) == ["json"]
+    assert reply["json"]["region"] == "us-east-1"
+    assert reply["json"]["results"][0]["status"] == "pass"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"url": "http://127.0.0.1:9/", "runners": ["noSuchRunner"]}, 404, "RUNNER_NOT_FOUND"),
+        (
+            {"runners": [{"name": "exampleTitleVisibleTest", "input": {"url": "x"}}]},
+            400,
+            "INPUT_VALIDATION_FAILED",
+        ),
+        ({"url": "http://127.0.0.1:9/", "runners": []}, 400, "BAD_REQUEST"),
+        ([1, 2], 400, "BAD_REQUEST"),
+    ],
+    ids=["runner-not-found", "input-validation-failed", "empty-runners", "not-an-object"],
+)
+async def test_orpc_wrapped_request_gets_wrapped_errors_with_their_status(
+    client, runner_url, body, status, code
+):
+    response = await execute(client, runner_url, {"json": body})
+    assert response.status_code == status
+    reply = response.json()
+    assert list(reply) == ["json"]
+    envelope = reply["json"]
+    assert {"defined", "code", "status", "message", "data"} == set(envelope)
+    assert (envelope["code"], envelope["status"]) == (code, status)
+
+
+async def test_plain_request_gets_plain_errors(client, runner_url):
+    response = await execute(client, runner_url, {"runners": ["noSuchRunner"]})
+    assert response.status_code == 404
+    assert response.json()["code"] == "RUNNER_NOT_FOUND"
+    assert "json" not in response.json()
 
 
 async def test_oversized_body_is_413_in_the_envelope(client, pages: PageServer):
@@ -224,6 +280,16 @@ async def test_oversized_body_is_413_in_the_envelope(client, pages: PageServer):
     with serve_app(app) as base:
         body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"] * 200}
         response = await execute(client, base, body)
+    assert response.status_code == 413
+    assert response.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_oversized_wrapped_body_is_answered_plain(client, pages: PageServer):
+    # The limit stops the read before the body is parsed: nothing says it was wrapped.
+    app = create_runner_app(RunnerServerConfig(max_body_size=1000))
+    with serve_app(app) as base:
+        body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"] * 200}
+        response = await execute(client, base, {"json": body})
     assert response.status_code == 413
     assert response.json()["code"] == "PAYLOAD_TOO_LARGE"
 
@@ -334,6 +400,34 @@ async def test_over_capacity_answers_429_with_retry_after(client, pages: PageSer
         assert {r.status_code for r in bad} <= {400, 429}
         health = (await client.get(f"{base}/api/runner/health")).json()
     assert health == {"status": "ok", "inFlight": 0, "capacity": 2}
+
+
+async def test_over_capacity_answers_in_the_form_of_the_request(client, pages: PageServer):
+    app = create_runner_app(RunnerServerConfig(capacity=1, retry_after=2))
+    with serve_app(app) as base:
+        slow = {"url": pages.url("/slow?s=2"), "runners": ["exampleTitleVisibleTest"]}
+        holder = asyncio.create_task(execute(client, base, slow))
+        for _ in range(100):  # until the slow request holds the only slot
+            if (await client.get(f"{base}/api/runner/health")).json()["inFlight"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
+        wrapped = await execute(client, base, {"json": body})
+        plain = await execute(client, base, body)
+        malformed = await client.post(f"{base}/api/runner/execute", content=b'{"json": ')
+        assert (await holder).status_code == 200
+    assert [r.status_code for r in (wrapped, plain, malformed)] == [429, 429, 429]
+    assert all(r.headers["Retry-After"] == "2" for r in (wrapped, plain, malformed))
+    expected = {
+        "defined": True,
+        "code": "TOO_MANY_REQUESTS",
+        "status": 429,
+        "message": "Runner server is at capacity (1 requests in flight); retry after 2s",
+        "data": {"inFlight": 1, "capacity": 1},
+    }
+    assert wrapped.json() == {"json": expected}
+    assert plain.json() == expected
+    assert malformed.json() == expected
 
 
 async def test_health_reports_in_flight_live(client, pages: PageServer):

@@ -4,6 +4,10 @@ The observed TypeScript answers are copied here verbatim. Field names must match
 byte; values that depend on the page or the clock (titles, durations) may differ. Where the
 TypeScript server answers 500 for a client's mistake, ours answers the right 4xx with the
 same body shape, as the contract asks.
+
+Every execute request is sent in both forms a TypeScript client uses: plain JSON, and
+wrapped as ``{"json": body}`` by the upstream orchestrator's oRPC client, which reads its
+answer (and its errors) from the reply's ``json`` member only.
 """
 
 from __future__ import annotations
@@ -65,8 +69,26 @@ def shape(value: Any) -> Any:
     return type(value).__name__
 
 
-def execute(base: str, body: Any) -> httpx.Response:
-    return httpx.post(f"{base}/api/runner/execute", json=body, timeout=30)
+@pytest.fixture(params=["plain", "orpc"])
+def form(request: pytest.FixtureRequest) -> str:
+    """How the client sends its body and reads the answer: plain, or the oRPC wrapper."""
+    return str(request.param)
+
+
+def execute(base: str, body: Any, form: str = "plain") -> tuple[int, Any]:
+    """POST ``body`` in ``form``; return the status and the answer, unwrapped.
+
+    An oRPC client reads nothing but the reply's ``json`` member, so a wrapped request must
+    get exactly ``{"json": answer}``; a plain client must get the answer itself.
+    """
+    sent = {"json": body} if form == "orpc" else body
+    response = httpx.post(f"{base}/api/runner/execute", json=sent, timeout=30)
+    answer = response.json()
+    if form == "orpc":
+        assert list(answer) == ["json"], answer
+        return response.status_code, answer["json"]
+    assert "json" not in answer, answer
+    return response.status_code, answer
 
 
 def test_info(cli_runner_server):
@@ -76,17 +98,18 @@ def test_info(cli_runner_server):
 
 
 @pytest.mark.parametrize(
-    ("path", "runner", "observed"),
+    "case",
     [
         ("/title", "exampleTitleVisibleTest", OBSERVED_TITLE_PASS),
         ("/banner-visible", "cookieBannerVisibleTest", OBSERVED_BANNER_PASS),
         ("/banner-missing", "cookieBannerVisibleTest", OBSERVED_BANNER_FAIL),
     ],
+    ids=["title-pass", "banner-pass", "banner-fail"],
 )
-def test_execute_results(cli_runner_server, pages, path, runner, observed):
-    response = execute(cli_runner_server, {"url": pages.url(path), "runners": [runner]})
-    assert response.status_code == 200
-    ours = response.json()
+def test_execute_results(cli_runner_server, pages, form, case):
+    path, runner, observed = case
+    status, ours = execute(cli_runner_server, {"url": pages.url(path), "runners": [runner]}, form)
+    assert status == 200
     assert shape(ours) == shape(observed)
     assert ours["results"][0]["status"] == observed["results"][0]["status"]
     assert ours["results"][0]["details"] | {"title": "-"} == observed["results"][0]["details"] | {
@@ -94,22 +117,20 @@ def test_execute_results(cli_runner_server, pages, path, runner, observed):
     }
 
 
-def test_unknown_runner_has_the_envelope_with_a_404(cli_runner_server, pages):
+def test_unknown_runner_has_the_envelope_with_a_404(cli_runner_server, pages, form):
     body = {"url": pages.url("/title"), "runners": ["noSuchRunner", "exampleTitleVisibleTest"]}
-    response = execute(cli_runner_server, body)
-    assert response.status_code == 404
-    ours = response.json()
+    status, ours = execute(cli_runner_server, body, form)
+    assert status == 404
     assert shape(ours) | {"data": None} == shape(OBSERVED_NOT_FOUND) | {"data": None}
     assert set(ours["data"]) == set(OBSERVED_NOT_FOUND["data"])
     assert ours["status"] == 404
     assert ours["data"]["missingRunners"] == ["noSuchRunner"]
 
 
-def test_invalid_runner_input_has_the_envelope_with_a_400(cli_runner_server):
+def test_invalid_runner_input_has_the_envelope_with_a_400(cli_runner_server, form):
     body = {"runners": [{"name": "exampleTitleVisibleTest", "input": {"url": "nope"}}]}
-    response = execute(cli_runner_server, body)
-    assert response.status_code == 400
-    ours = response.json()
+    status, ours = execute(cli_runner_server, body, form)
+    assert status == 400
     assert ours["code"] == OBSERVED_INPUT_INVALID["code"]
     assert ours["message"] == OBSERVED_INPUT_INVALID["message"]
     assert set(ours["data"]) == set(OBSERVED_INPUT_INVALID["data"])
@@ -118,18 +139,20 @@ def test_invalid_runner_input_has_the_envelope_with_a_400(cli_runner_server):
     assert issue["path"] == ["url"]
 
 
-def test_empty_runners(cli_runner_server):
-    response = execute(cli_runner_server, {"url": "https://example.com/", "runners": []})
-    assert response.status_code == 400
-    assert response.json() == OBSERVED_EMPTY_RUNNERS
+def test_empty_runners(cli_runner_server, form):
+    status, ours = execute(cli_runner_server, {"url": "https://example.com/", "runners": []}, form)
+    assert status == 400
+    assert ours == OBSERVED_EMPTY_RUNNERS
 
 
-def test_missing_runners_and_bad_url(cli_runner_server):
-    missing = execute(cli_runner_server, {"url": "https://example.com/"}).json()
+def test_missing_runners_and_bad_url(cli_runner_server, form):
+    status, missing = execute(cli_runner_server, {"url": "https://example.com/"}, form)
+    assert status == 400
     issue = missing["data"]["issues"][0]
     assert (issue["code"], issue["path"]) == ("invalid_type", ["runners"])
     assert {"expected", "code", "path", "message"} <= set(issue)
-    bad = execute(cli_runner_server, {"url": "not a url", "runners": ["x"]}).json()
+    status, bad = execute(cli_runner_server, {"url": "not a url", "runners": ["x"]}, form)
+    assert status == 400
     issue = bad["data"]["issues"][0]
     assert (issue["code"], issue["format"], issue["path"]) == ("invalid_format", "url", ["url"])
 
@@ -138,3 +161,48 @@ def test_malformed_json_without_content_type(cli_runner_server):
     response = httpx.post(f"{cli_runner_server}/api/runner/execute", content=b"{oops")
     assert response.status_code == 400
     assert response.json() == OBSERVED_MALFORMED
+
+
+@pytest.mark.parametrize("raw", [b"{oops", b'{"json": {"url": '])
+def test_malformed_json_is_answered_plain_even_if_it_starts_like_the_wrapper(
+    cli_runner_server, raw
+):
+    # Nothing that cannot be parsed says the client wants the wrapper.
+    response = httpx.post(f"{cli_runner_server}/api/runner/execute", content=raw)
+    assert response.status_code == 400
+    assert response.json() == OBSERVED_MALFORMED
+
+
+def test_the_typescript_orchestrators_request_gets_a_reply_it_can_read(cli_runner_server, pages):
+    # What its oRPC client sends (TS-CONTRACT.md): runners with their own input, the region,
+    # the run id, all wrapped; it reads `results` from the reply's `json` member.
+    url = pages.url("/banner-visible")
+    request = {
+        "json": {
+            "url": url,
+            "runners": [{"name": "cookieBannerVisibleTest", "input": {"url": url}}],
+            "runId": "run-ts-1",
+            "region": "us-east-1",
+        }
+    }
+    response = httpx.post(f"{cli_runner_server}/api/runner/execute", json=request, timeout=30)
+    assert response.status_code == 200
+    reply = response.json()
+    assert list(reply) == ["json"]
+    assert shape(reply["json"]) == shape(OBSERVED_BANNER_PASS | {"runId": "-"})
+    assert reply["json"]["runId"] == "run-ts-1"
+    assert reply["json"]["results"][0]["details"] == OBSERVED_BANNER_PASS["results"][0]["details"]
+
+
+def test_wrapper_with_meta_is_read_as_wrapped(cli_runner_server, pages):
+    # The TypeScript server refuses {"json", "meta"} with a 400. Ours reads it as the oRPC
+    # client's form (that client adds `meta` when the input holds a Date, a Set, ...) and
+    # ignores `meta`; see docs/runner-server.md.
+    body = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
+    response = httpx.post(
+        f"{cli_runner_server}/api/runner/execute", json={"json": body, "meta": []}, timeout=30
+    )
+    assert response.status_code == 200
+    reply = response.json()
+    assert list(reply) == ["json"]
+    assert shape(reply["json"]) == shape(OBSERVED_TITLE_PASS)

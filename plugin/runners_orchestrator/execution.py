@@ -18,6 +18,9 @@ other 5xx, 408, bad body          the server's             retry with backoff an
                                                            then eject and fail over
 ================================  =======================  ===============================
 
+Bodies are read plain or wrapped as ``{"json": ...}``, the form a server built on oRPC's RPC
+handler answers in (see ``_orpc``): the same rules apply to what is inside.
+
 A job is never an exception: whatever happens, it ends as a :class:`JobResult` with
 ``state`` ``completed``, ``failed`` or ``timed_out`` and, for the last two, the reason.
 """
@@ -36,6 +39,7 @@ from weakref import WeakKeyDictionary
 import httpx
 from pydantic import ValidationError
 
+from runners_orchestrator._orpc import unwrap
 from runners_orchestrator.balancing import LOCAL_LOAD, LoadBalancer, LocalLoad, candidates_for
 from runners_orchestrator.models import ExecuteResponse, JobResult, RunnerJob, RunnerResult
 
@@ -116,7 +120,7 @@ def _retry_after(response: httpx.Response) -> float:
 def _error_code(response: httpx.Response) -> tuple[str | None, str]:
     """The envelope's ``code`` and a readable message, if the body is an error envelope."""
     try:
-        body = response.json()
+        body, _ = unwrap(response.json())
     except ValueError:
         return None, response.text[:200]
     if not isinstance(body, dict):
@@ -167,7 +171,7 @@ async def post_job(
 
 def _judge_results(response: httpx.Response, job: RunnerJob) -> _Answer:
     try:
-        parsed = ExecuteResponse.model_validate(response.json())
+        parsed = ExecuteResponse.model_validate(unwrap(response.json())[0])
     except (ValueError, ValidationError):
         return _Answer("server_fault", reason="answered 200 with a body that is not results")
     if len(parsed.results) != len(job.runners):

@@ -56,13 +56,15 @@ async def cookie_banner_visible(ctx: RunnerContext) -> RunnerResult:
     """Pass when an element marked as a cookie banner is present and not hidden."""
     page = await fetch_page(ctx)
     tree = LexborHTMLParser(page.text)
-    matches = tree.css(", ".join(COOKIE_BANNER_SELECTORS))
+    # Lexbor yields an element once for each selector of the list that it matches; the
+    # TypeScript runner counts elements, so count each element once.
+    element_count = len({node.mem_id for node in tree.css(", ".join(COOKIE_BANNER_SELECTORS))})
     for selector in COOKIE_BANNER_SELECTORS:
         for node in tree.css(selector):
             if not _is_hidden(node):
-                details = {"visible": True, "selector": selector, "elementCount": len(matches)}
+                details = {"visible": True, "selector": selector, "elementCount": element_count}
                 return RunnerResult(name=ctx.name, status="pass", details=details)
-    details = {"visible": False, "elementCount": len(matches)}
+    details = {"visible": False, "elementCount": element_count}
     return RunnerResult(name=ctx.name, status="fail", details=details)
 
 

@@ -1,4 +1,11 @@
-"""The runner server as a Litestar plugin: ``/execute``, ``/info`` and ``/health``."""
+"""The runner server as a Litestar plugin: ``/execute``, ``/info`` and ``/health``.
+
+``/execute`` answers in the form it was asked: a request wrapped as ``{"json": ...}`` (the
+TypeScript orchestrator's oRPC client) gets its results and its errors wrapped the same way,
+a plain request a plain answer. An answer given before the body could be read as JSON
+(malformed JSON, a body over the size limit) is plain: nothing says the client wants the
+wrapper.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.plugins import InitPlugin
 from pydantic import ValidationError
 
+from runners_orchestrator._orpc import unwrap, wrap
 from runners_orchestrator.exceptions import (
     ConfigurationError,
     RunnerError,
@@ -102,11 +110,30 @@ class RunnerServerConfig:
         self.policy = TargetPolicy.from_strings(self.deny, self.allow)
 
 
+def _answer(content: dict[str, Any], status: int, *, wrapped: bool) -> Response[dict[str, Any]]:
+    """An answer in the form of the request: ``{"json": content}`` when it came wrapped."""
+    return Response(wrap(content) if wrapped else content, status_code=status)
+
+
 def _error(
-    status: int, code: str, message: str, data: object = None, *, defined: bool = True
+    status: int,
+    code: str,
+    message: str,
+    data: object = None,
+    *,
+    defined: bool = True,
+    wrapped: bool = False,
 ) -> Response[dict[str, Any]]:
     envelope = ErrorEnvelope(defined=defined, code=code, status=status, message=message, data=data)
-    return Response(envelope.to_wire(), status_code=status)
+    return _answer(envelope.to_wire(), status, wrapped=wrapped)
+
+
+async def _read_json(request: Request[Any, Any, Any]) -> tuple[object, bool] | None:
+    """The request body as JSON, unwrapped, and whether it was wrapped; ``None`` if malformed."""
+    try:
+        return unwrap(json.loads(await request.body()))
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class _RunnerServer:
@@ -155,45 +182,54 @@ class _RunnerServer:
     async def execute(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         # Check and take a slot before the first await, so no burst can slip past capacity.
         if self.in_flight >= self.config.capacity:
-            return self._over_capacity()
+            return await self._over_capacity(request)
         self.in_flight += 1
         try:
             return await self._execute(request)
         finally:
             self.in_flight -= 1
 
-    def _over_capacity(self) -> Response[dict[str, Any]]:
+    async def _over_capacity(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """Answer 429 in the form of the request, which is refused already.
+
+        The body is read only to learn that form: it takes no slot and runs nothing, and its
+        bytes are on their way anyway. A body that cannot be read or parsed gets the plain form.
+        """
+        data = {"inFlight": self.in_flight, "capacity": self.config.capacity}
+        try:
+            read = await _read_json(request)
+        except HTTPException:  # over the size limit, or the client went away
+            read = None
         response = _error(
             429,
             "TOO_MANY_REQUESTS",
             f"Runner server is at capacity ({self.config.capacity} requests in flight); "
             f"retry after {self.config.retry_after}s",
-            {"inFlight": self.in_flight, "capacity": self.config.capacity},
+            data,
+            wrapped=read is not None and read[1],
         )
         response.headers["Retry-After"] = str(self.config.retry_after)
         return response
 
     async def _execute(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        try:
-            payload = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+        read = await _read_json(request)
+        if read is None:
             return _error(400, "BAD_REQUEST", MALFORMED_MESSAGE, defined=False)
-        if isinstance(payload, dict) and "json" in payload and set(payload) <= {"json", "meta"}:
-            payload = payload["json"]  # the oRPC client's wrapper
+        payload, wrapped = read
         try:
             body = ExecuteRequest.model_validate(payload)
         except ValidationError as exc:
-            issues = validation_issues(exc)
-            return _error(
-                400, "BAD_REQUEST", "Input validation failed", {"issues": issues}, defined=False
-            )
+            issues = {"issues": validation_issues(exc)}
+            message = "Input validation failed"
+            return _error(400, "BAD_REQUEST", message, issues, defined=False, wrapped=wrapped)
 
         specs = body.runner_specs()
         missing = list(dict.fromkeys(s.name for s in specs if s.name not in self.registry))
         if missing:
             available = self.registry.names()
             data = {"missingRunners": missing, "availableRunners": available}
-            return _error(404, "RUNNER_NOT_FOUND", "One or more runners not found", data)
+            message = "One or more runners not found"
+            return _error(404, "RUNNER_NOT_FOUND", message, data, wrapped=wrapped)
 
         planned: list[tuple[Runner, RunnerSpec, dict[str, Any]]] = []
         for spec in specs:
@@ -203,12 +239,12 @@ class _RunnerServer:
             except ValidationError as exc:
                 invalid = {"runnerName": spec.name, "issues": validation_issues(exc)}
                 message = "Runner input validation failed"
-                return _error(400, "INPUT_VALIDATION_FAILED", message, invalid)
+                return _error(400, "INPUT_VALIDATION_FAILED", message, invalid, wrapped=wrapped)
             planned.append((runner, spec, checked))
 
         results = await asyncio.gather(*(self._run(r, s, i) for r, s, i in planned))
         response = ExecuteResponse(region=self.config.region, run_id=body.run_id, results=results)
-        return Response(response.to_wire(), status_code=200)
+        return _answer(response.to_wire(), 200, wrapped=wrapped)
 
     async def _run(self, runner: Runner, spec: RunnerSpec, data: dict[str, Any]) -> RunnerResult:
         """Run one runner to a result; every failure becomes an ``error`` result."""

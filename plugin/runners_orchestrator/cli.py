@@ -159,9 +159,8 @@ def _discover() -> Discovery:
 
 
 def _report_broken(discovery: Discovery) -> None:
-    for broken in discovery.broken:
-        relative = broken.path.relative_to(discovery.root)
-        print(f"{PROG}: warning: skipped {relative}: {broken.error}", file=sys.stderr)  # noqa: T201
+    for problem in discovery.problems():
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)  # noqa: T201
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from prefect import Flow
@@ -20,9 +20,6 @@ from runners_orchestrator import ConfigurationError, WorkflowNotFoundError
 from runners_orchestrator import discovery as module
 from runners_orchestrator.discovery import discover, load_workflow_flow, to_camel, to_snake
 from runners_orchestrator.exceptions import DuplicateWorkflowError
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 FILES = {
     "pyproject.toml": '[project]\nname = "demo"\n',
@@ -234,19 +231,11 @@ def edit(path: Path, text: str) -> None:
 
 
 @pytest.fixture
-def helper_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The project, discovered from a subfolder, with sys.path and sys.modules restored after.
-
-    The tests' own `helpers` module (tests/helpers.py) is hidden meanwhile: a process has
-    one module of a name, and here it must be the project's.
-    """
+def helper_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, project_helpers) -> Path:
+    """The project, discovered from a subfolder."""
     write(tmp_path, HELPER_PROJECT)
     monkeypatch.chdir(tmp_path / "docs")
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delitem(sys.modules, "helpers")
-    yield tmp_path
-    for name in [n for n in sys.modules if n == "helpers" or n.startswith("helpers.")]:
-        del sys.modules[name]
+    return tmp_path
 
 
 def run(coroutine: Any) -> Any:

@@ -139,7 +139,9 @@ def _refuse_shadowing(discovery: Discovery, workflows: list[Workflow]) -> None:
     name, when no module of that name is loaded yet), with ``deployments/`` first on
     ``sys.path``; a workflow file importing the project's ``helpers.shared`` would then fail.
     """
-    imported = {p.relative_to(discovery.root).parts[0]: p for p in discovery.project_imports}
+    imported = {
+        p.relative_to(discovery.root).parts[0]: p for p in discovery.project_imports if p.exists()
+    }
     for workflow in workflows:
         clash = imported.get(workflow.name) or imported.get(f"{workflow.name}.py")
         if clash is not None:

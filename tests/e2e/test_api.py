@@ -426,3 +426,40 @@ async def test_twenty_concurrent_clients_all_get_their_202(api, stack):
     failures = [a for per_client in answers for a in per_client if a[0] != 202]
     assert failures == []
     assert sum(len(a) for a in answers) == 40
+
+
+def test_a_helper_edited_while_serving_shows_within_a_second_or_two(
+    prefect_server, project_helpers, tmp_path
+):
+    # The API rediscovers every second: a workflow importing the project's own module is
+    # listed, and an edit of that module (here, the parameter's default) shows, without a
+    # restart, although the workflow file itself did not change.
+    files = {
+        "pyproject.toml": '[project]\nname = "shop"\n',
+        "helpers/__init__.py": "",
+        "helpers/shared.py": 'DEFAULT = "first"\n',
+        "flows/checks.py": (
+            "from helpers.shared import DEFAULT\n\n"
+            "async def check(name: str = DEFAULT) -> str:\n    return name\n"
+        ),
+    }
+    for relative, content in files.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(content)
+
+    with serve_app(create_app(OrchestratorConfig(project_root=tmp_path))) as api:
+
+        def listed_default() -> object:
+            listing = httpx.get(f"{api}{PREFIX}", timeout=10).json()
+            (check,) = listing["workflows"]
+            return check["parameters"]["properties"]["name"]["default"]
+
+        assert listed_default() == "first"
+        helper = tmp_path / "helpers" / "shared.py"
+        helper.write_text('DEFAULT = "second"\n')
+        later = time.time_ns() + 1_000_000  # a distinct modification time, however coarse
+        os.utime(helper, ns=(later, later))
+        deadline = time.monotonic() + 10
+        while listed_default() != "second":
+            assert time.monotonic() < deadline, "the edited helper was not picked up"
+            time.sleep(0.2)

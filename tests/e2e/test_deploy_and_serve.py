@@ -84,6 +84,7 @@ async def wait_final(flow_run_id: uuid.UUID, timeout: float = 60) -> object:
     pytest.fail(f"flow run {flow_run_id} did not finish within {timeout}s")
 
 
+@pytest.mark.timeout(300)  # four Prefect CLI processes in a row: slow, not hung, on a busy machine
 async def test_prefect_deploy_all_then_a_worker_runs_the_generated_deployment(project):
     root, env = project
     sh([*CLI, "deploy"], root, env)

@@ -15,21 +15,27 @@ apply to these routes only and can never clash with what the app's owner set.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post, route
 from litestar.di import Provide
-from litestar.params import FromPath, SkipValidation
+from litestar.enums import HttpMethod
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIType
+from litestar.params import FromPath, HeaderParameter, PathParameter, QueryParameter, SkipValidation
 from prefect.client.schemas.objects import StateType
 
 from runners_orchestrator.api._errors import ApiError, exception_handlers
 from runners_orchestrator.api._gateway import PrefectGateway
+from runners_orchestrator.api._openapi import client_parameters
 from runners_orchestrator.api._params import bind_parameters
+from runners_orchestrator.api._schemas import ErrorBody, RunEnded
 from runners_orchestrator.api._state import ApiState, find_workflow, run_status
 from runners_orchestrator.discovery import Discovery
 
 if TYPE_CHECKING:
+    from litestar.types import DataContainerType
     from prefect.client.schemas.objects import FlowRun
 
 __all__ = ["OrchestratorController"]
@@ -44,6 +50,51 @@ MAX_IDEMPOTENCY_KEY = 255
 Orchestrator = SkipValidation[ApiState]
 Gateway = SkipValidation[PrefectGateway]
 Workflows = SkipValidation[Discovery]
+
+# Parameters are read as plain strings, so that a missing or malformed one gets the API's
+# own error code (missing_run_id, invalid_run_id, ...); the schema says what is expected.
+_STRING: dict[str, Any] = {"one_of": None, "type": OpenAPIType.STRING}
+RunIdQuery = Annotated[
+    str | None,
+    QueryParameter(
+        name="runId",
+        required=True,
+        description="The runId that start returned.",
+        schema_extra={**_STRING, "format": "uuid"},
+    ),
+]
+RunIdPath = Annotated[
+    str,
+    PathParameter(description="The runId that start returned.", schema_extra={"format": "uuid"}),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        description="The same key gives the same run, also under concurrent retries.",
+        schema_extra={**_STRING, "min_length": 1, "max_length": MAX_IDEMPOTENCY_KEY},
+    ),
+]
+
+
+def _answer(description: str, body: DataContainerType = ErrorBody) -> ResponseSpec:
+    return ResponseSpec(data_container=body, description=description, generate_examples=False)
+
+
+NOT_FOUND = _answer("No such workflow (`availableOrchestrators` lists them), or no such run.")
+UNAUTHORIZED = _answer("An API token is set and `Authorization: Bearer <token>` is missing.")
+MISCONFIGURED = _answer("The operator's configuration is wrong; the message says what to fix.")
+UNAVAILABLE = _answer(
+    "Prefect is unreachable or keeps failing, or no deployment serves the workflow yet; "
+    "retry after `Retry-After` seconds."
+)
+BAD_RUN_ID = _answer("`runId` is missing or not a UUID.")
+
+
+def _not_json(constant: str) -> Any:
+    """Refuse ``NaN`` and ``Infinity``, which Python's parser accepts and JSON does not."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _error_text(flow_run: FlowRun) -> str | None:
@@ -95,7 +146,12 @@ class OrchestratorController(Controller):
         }
         return type(cls.__name__, (cls,), attributes)
 
-    @get("/", summary="List the workflows", description="Every workflow, with its parameters.")
+    @get(
+        "/",
+        summary="List the workflows",
+        description="Every workflow, with its parameters.",
+        responses={500: MISCONFIGURED},
+    )
     async def list_workflows(
         self, orchestrator: Orchestrator, discovery: Workflows
     ) -> dict[str, Any]:
@@ -108,7 +164,10 @@ class OrchestratorController(Controller):
                     "name": w.name,
                     "camelName": w.camel_name,
                     "description": w.description,
-                    "parameters": w.parameters,
+                    "parameters": client_parameters(
+                        w.parameters,
+                        allow_client_registry=orchestrator.settings.allow_client_registry,
+                    ),
                 }
                 for w in workflows
             ],
@@ -120,26 +179,41 @@ class OrchestratorController(Controller):
         status_code=202,
         summary="Start a run",
         description="Validate the body against the workflow's parameters and start a run.",
+        responses={
+            400: _answer(
+                "The body is not JSON, does not match the workflow's parameters "
+                "(`details.issues` names every field), names a refused target, or the "
+                "Idempotency-Key is empty or too long."
+            ),
+            401: UNAUTHORIZED,
+            404: NOT_FOUND,
+            409: _answer("Prefect refused to create the run; the message carries its reason."),
+            413: _answer("The body is larger than the `max_body_size` setting."),
+            500: MISCONFIGURED,
+            503: UNAVAILABLE,
+        },
     )
     async def start(
         self,
+        *,
         name: FromPath[str],
         request: Request[Any, Any, Any],
         orchestrator: Orchestrator,
         prefect: Gateway,
         discovery: Workflows,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[dict[str, Any]]:
         """Validate the body against the workflow's parameters, then create a flow run."""
         workflow = find_workflow(discovery, name)
         orchestrator.authorize(request)
         raw = await request.body()
         try:
-            body = json.loads(raw) if raw.strip() else {}
+            body = json.loads(raw, parse_constant=_not_json) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
         values, parameters = bind_parameters(workflow, body)
         await orchestrator.check_targets(values)
-        key = request.headers.get("Idempotency-Key")
+        key = idempotency_key
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key: 1 to 255 characters")
         flow_run = await prefect.start(workflow, parameters, key)
@@ -153,38 +227,63 @@ class OrchestratorController(Controller):
         }
         return Response(started, status_code=202)
 
-    @get("/{name:str}", summary="Status or result of a run", cache_control=None)
+    @get(
+        "/{name:str}",
+        summary="Status or result of a run",
+        cache_control=None,
+        responses={
+            202: _answer("The run is pending, running or cancelling.", dict[str, Any]),
+            400: BAD_RUN_ID,
+            404: NOT_FOUND,
+            409: _answer("The run was cancelled.", RunEnded),
+            500: _answer(
+                "The run failed or crashed (`status`, `error`), or the operator's "
+                "configuration is wrong.",
+                RunEnded | ErrorBody,  # type: ignore[arg-type]
+            ),
+            503: UNAVAILABLE,
+        },
+    )
     async def status(
         self,
+        *,
         name: FromPath[str],
-        request: Request[Any, Any, Any],
         orchestrator: Orchestrator,
         prefect: Gateway,
         discovery: Workflows,
+        run_id: RunIdQuery = None,
     ) -> Response[Any]:
         """202 while the run is on its way, its result once completed, else why it ended."""
         workflow = find_workflow(discovery, name)
-        run_id = orchestrator.parse_run_id(request.query_params.get("runId"))
-        flow_run = await orchestrator.read_run(run_id)
+        uuid = orchestrator.parse_run_id(run_id)
+        flow_run = await orchestrator.read_run(uuid)
         if await prefect.flow_name(flow_run.flow_id) != workflow.flow.name:
-            raise ApiError(404, "run_not_found", f"run {run_id} is not a run of {workflow.name}")
+            raise ApiError(404, "run_not_found", f"run {uuid} is not a run of {workflow.name}")
         state = run_status(flow_run)
         if state == "completed":
             return Response(await orchestrator.result_of(flow_run), status_code=200)
         if state in STATUS_CODE:
-            ended = {"runId": str(run_id), "status": state, "error": _error_text(flow_run)}
+            ended = {"runId": str(uuid), "status": state, "error": _error_text(flow_run)}
             return Response(ended, status_code=STATUS_CODE[state])
-        body: dict[str, object] = {"runId": str(run_id), "status": state}
+        body: dict[str, object] = {"runId": str(uuid), "status": state}
         if state == "running":
-            progress = await prefect.progress(run_id)
+            progress = await prefect.progress(uuid)
             if progress is not None:
                 body["progress"] = {"done": progress[0], "total": progress[1]}
         return Response(body, status_code=202)
 
-    @get("/runs/{run_id:str}", summary="A run's envelope", cache_control=None)
-    async def run_envelope(
-        self, run_id: FromPath[str], orchestrator: Orchestrator
-    ) -> dict[str, Any]:
+    @route("/{name:str}", http_method=HttpMethod.OPTIONS, include_in_schema=False)
+    async def options(self) -> Response[None]:
+        """The methods of ``/{name}``: Litestar 2 lists only the first one (litestar#4169)."""
+        return Response(None, status_code=204, headers={"Allow": "GET, OPTIONS, POST"})
+
+    @get(
+        "/runs/{run_id:str}",
+        summary="A run's envelope",
+        cache_control=None,
+        responses={400: BAD_RUN_ID, 404: NOT_FOUND, 500: MISCONFIGURED, 503: UNAVAILABLE},
+    )
+    async def run_envelope(self, run_id: RunIdPath, orchestrator: Orchestrator) -> dict[str, Any]:
         """The run's status, result, error and times, whichever workflow it belongs to."""
         flow_run = await orchestrator.read_run(orchestrator.parse_run_id(run_id))
         state = run_status(flow_run)
@@ -200,10 +299,22 @@ class OrchestratorController(Controller):
             "uiUrl": orchestrator.ui_url(flow_run.id),
         }
 
-    @post("/runs/{run_id:str}/cancel", status_code=202, summary="Cancel a run")
+    @post(
+        "/runs/{run_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a run",
+        responses={
+            400: BAD_RUN_ID,
+            401: UNAUTHORIZED,
+            404: NOT_FOUND,
+            409: _answer("The run has already ended: nothing to cancel."),
+            503: UNAVAILABLE,
+        },
+    )
     async def cancel(
         self,
-        run_id: FromPath[str],
+        *,
+        run_id: RunIdPath,
         request: Request[Any, Any, Any],
         orchestrator: Orchestrator,
         prefect: Gateway,

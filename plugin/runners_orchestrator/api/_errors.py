@@ -73,7 +73,9 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[d
     if isinstance(exc, ValidationException) and exc.extra:
         details["issues"] = exc.extra
     error = _CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")  # noqa: PLR2004
-    return error_response(ApiError(exc.status_code, error, exc.detail, details))
+    # Litestar's own headers stay: `Allow` on a 405 (RFC 9110), `Retry-After` on a 429 ...
+    headers = dict(exc.headers or {})
+    return error_response(ApiError(exc.status_code, error, exc.detail, details, headers=headers))
 
 
 def _prefect_refused(

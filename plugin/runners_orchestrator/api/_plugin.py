@@ -83,7 +83,12 @@ class OrchestratorPlugin(InitPlugin):
         except ConfigurationError:
             logger.exception("workflows could not be discovered for the OpenAPI document")
             return
-        add_workflow_operations(app, discovery, self._api.prefix)
+        add_workflow_operations(
+            app,
+            discovery,
+            self._api.prefix,
+            allow_client_registry=self._api.settings.allow_client_registry,
+        )
 
 
 def create_app(config: OrchestratorConfig | None = None, *, debug: bool = False) -> Litestar:

@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import StateType
 
 from runners_orchestrator.api._errors import ApiError
 from runners_orchestrator.api._gateway import PrefectGateway
-from runners_orchestrator.api._params import jobs_and_options
+from runners_orchestrator.api._params import balancer_names, jobs_and_options
 from runners_orchestrator.balancing import load_balancer_from_config
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import (
@@ -177,18 +177,34 @@ class ApiState:
 
     @staticmethod
     def check_options(options: list[OrchestrateOptions]) -> None:
-        """Refuse (400) an unknown load balancer before a run starts."""
+        """Refuse (400) a load balancer that is not installed before a run starts.
+
+        Only the installed balancers' names: an import path (``module:Class``) would make
+        this process import what a client names and call it.
+        """
         for option in options:
-            if option.load_balancer is not None:
+            name = option.load_balancer
+            if name is None:
+                continue
+            message = None
+            if name not in balancer_names():
+                message = (
+                    f"unknown load balancer {name!r}; expected one of "
+                    f"{', '.join(balancer_names())} (import paths are for the operator's "
+                    "settings only)"
+                )
+            else:
                 try:
-                    load_balancer_from_config(LoadBalancerConfig(type=option.load_balancer))
+                    load_balancer_from_config(LoadBalancerConfig(type=name))
                 except ConfigurationError as exc:
-                    raise ApiError(
-                        400,
-                        "invalid_parameters",
-                        str(exc),
-                        {"issues": [{"path": ["options", "loadBalancer"], "message": str(exc)}]},
-                    ) from None
+                    message = str(exc)
+            if message is not None:
+                raise ApiError(
+                    400,
+                    "invalid_parameters",
+                    message,
+                    {"issues": [{"path": ["options", "loadBalancer"], "message": message}]},
+                )
 
     async def check_targets(self, values: dict[str, Any]) -> None:
         """Refuse (400) client registries and job URLs the target policy forbids."""

@@ -110,6 +110,23 @@ async def test_list_shows_every_workflow_with_schema_and_usage(api):
     assert body["usage"] == {"method": "POST", "endpoint": "/api/orchestrator/{orchestratorName}"}
 
 
+async def test_health_ready_and_list_say_every_workflow_can_start(api):
+    health = await api.get(f"{PREFIX}/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    ready = await api.get(f"{PREFIX}/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {
+        "status": "ready",
+        "workflows": ["execute_single_runner", "orchestrate_runners"],
+    }
+    listing = (await api.get(PREFIX)).json()
+    assert {w["name"]: w["ready"] for w in listing["workflows"]} == {
+        "execute_single_runner": True,
+        "orchestrate_runners": True,
+    }
+    assert (await api.post(f"{PREFIX}/ready", json={})).status_code == 405  # not a workflow
+
+
 async def test_seed_curl_sequence(api, stack):
     jobs = [
         {

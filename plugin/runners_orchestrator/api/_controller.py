@@ -1,4 +1,4 @@
-"""The orchestrator's routes: list, start, status, run envelope and cancel.
+"""The orchestrator's routes: list, start, status, run envelope, cancel, and the probes.
 
 :class:`OrchestratorController` is mounted by :class:`OrchestratorPlugin` through
 :meth:`OrchestratorController.mounted`, a subclass whose ``path`` is the ``route_prefix``
@@ -26,13 +26,14 @@ from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, HeaderParameter, PathParameter, QueryParameter, SkipValidation
 from prefect.client.schemas.objects import StateType
 
-from runners_orchestrator.api._errors import ApiError, exception_handlers
+from runners_orchestrator.api._errors import RETRY_AFTER_SECONDS, ApiError, exception_handlers
 from runners_orchestrator.api._gateway import PrefectGateway
 from runners_orchestrator.api._openapi import client_parameters
 from runners_orchestrator.api._params import bind_parameters
-from runners_orchestrator.api._schemas import ErrorBody, RunEnded
+from runners_orchestrator.api._schemas import ErrorBody, Health, Ready, RunEnded
 from runners_orchestrator.api._state import ApiState, find_workflow, run_status
 from runners_orchestrator.discovery import Discovery
+from runners_orchestrator.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from litestar.types import DataContainerType
@@ -53,6 +54,7 @@ Workflows = SkipValidation[Discovery]
 
 # Parameters are read as plain strings, so that a missing or malformed one gets the API's
 # own error code (missing_run_id, invalid_run_id, ...); the schema says what is expected.
+# `str | None` would be documented as "string or null": `_STRING` states "string".
 _STRING: dict[str, Any] = {"one_of": None, "type": OpenAPIType.STRING}
 RunIdQuery = Annotated[
     str | None,
@@ -113,8 +115,8 @@ def _iso(value: Any) -> str | None:
 class OrchestratorController(Controller):
     """Every discovered workflow as an HTTP endpoint, proxied to Prefect.
 
-    Mount it through :class:`OrchestratorPlugin`, which provides its dependencies; a
-    subclass may override ``path`` as with any Litestar controller.
+    :class:`OrchestratorPlugin` mounts a subclass of it (:meth:`mounted`) at the
+    ``route_prefix`` setting, with the dependencies its handlers take.
     """
 
     path = "/api/orchestrator"
@@ -149,14 +151,20 @@ class OrchestratorController(Controller):
     @get(
         "/",
         summary="List the workflows",
-        description="Every workflow, with its parameters.",
+        description="Every workflow, with its parameters and whether it can start now.",
         responses={500: MISCONFIGURED},
     )
     async def list_workflows(
-        self, orchestrator: Orchestrator, discovery: Workflows
+        self, orchestrator: Orchestrator, prefect: Gateway, discovery: Workflows
     ) -> dict[str, Any]:
-        """Every workflow, with its description and parameter schema."""
+        """Every workflow, with its description, parameter schema and ``ready``.
+
+        ``ready`` comes from the shared readiness lookup: at most one Prefect request per
+        couple of seconds, and an expired answer is served at once while it is renewed.
+        """
         workflows = [discovery.workflows[n] for n in discovery.names()]
+        readiness = await orchestrator.readiness.check(prefect, workflows, fresh=False)
+        allow_registry = orchestrator.settings.allow_client_registry
         return {
             "orchestrators": [w.name for w in workflows],
             "workflows": [
@@ -165,14 +173,60 @@ class OrchestratorController(Controller):
                     "camelName": w.camel_name,
                     "description": w.description,
                     "parameters": client_parameters(
-                        w.parameters,
-                        allow_client_registry=orchestrator.settings.allow_client_registry,
+                        w.parameters, allow_client_registry=allow_registry
                     ),
+                    "ready": w.name in readiness.startable,
                 }
                 for w in workflows
             ],
             "usage": {"method": "POST", "endpoint": f"{orchestrator.prefix}/{{orchestratorName}}"},
         }
+
+    @get("/health", summary="Liveness", cache_control=None)
+    async def health(self) -> Health:
+        """200 whenever the process serves requests; asks nothing of Prefect."""
+        return {"status": "ok"}
+
+    @get(
+        "/ready",
+        summary="Readiness",
+        description=(
+            "200 when Prefect answers and every workflow's deployment exists; else 503 with "
+            "`Retry-After`, naming the workflows that cannot start yet."
+        ),
+        cache_control=None,
+        responses={
+            503: _answer(
+                "Prefect is unreachable, a workflow has no deployment yet "
+                "(`details.notStartable`), or the workflows cannot be discovered; retry after "
+                "`Retry-After` seconds."
+            )
+        },
+    )
+    async def ready(self, orchestrator: Orchestrator, prefect: Gateway) -> Ready:
+        """Whether this replica can start every workflow now."""
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        try:
+            discovery = orchestrator.discovery()
+        except ConfigurationError as exc:
+            raise ApiError(503, "not_ready", f"not ready: {exc}", headers=retry) from None
+        workflows = [discovery.workflows[n] for n in discovery.names()]
+        readiness = await orchestrator.readiness.check(prefect, workflows)
+        if readiness.ready:
+            return {"status": "ready", "workflows": list(readiness.workflows)}
+        if not readiness.prefect_reachable:
+            message = f"not ready: {readiness.problem}"
+        else:
+            message = (
+                f"not ready: no deployment yet for {', '.join(readiness.not_startable)}; "
+                "start `runners-orchestrator serve-flows` (or deploy them)"
+            )
+        details = {
+            "prefect": "reachable" if readiness.prefect_reachable else "unreachable",
+            "notStartable": readiness.not_startable,
+            "startable": sorted(readiness.startable),
+        }
+        raise ApiError(503, "not_ready", message, details, headers=retry)
 
     @post(
         "/{name:str}",

@@ -40,9 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_workflow_operations", "client_parameters"]
 
-RETRY_AFTER_SECONDS = 2
-"""What ``Retry-After`` says on a 503."""
-
 _HEADERS = {
     "401": {"WWW-Authenticate": "`Bearer`: the API token goes in `Authorization`."},
     "503": {"Retry-After": "Seconds to wait before trying again."},

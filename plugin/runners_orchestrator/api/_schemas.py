@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-__all__ = ["ErrorBody", "RunEnded"]
+__all__ = ["ErrorBody", "Health", "Ready", "RunEnded"]
 
 
 class _ErrorFields(TypedDict):
@@ -37,3 +37,17 @@ class RunEnded(TypedDict):
     status: Literal["failed", "crashed", "cancelled"]
     error: str | None
     """Prefect's state message."""
+
+
+class Health(TypedDict):
+    """Liveness: the process serves requests."""
+
+    status: Literal["ok"]
+
+
+class Ready(TypedDict):
+    """Readiness: Prefect answers and every workflow's deployment exists."""
+
+    status: Literal["ready"]
+    workflows: list[str]
+    """Every discovered workflow; each can start."""

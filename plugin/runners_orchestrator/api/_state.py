@@ -23,6 +23,7 @@ from prefect.client.schemas.objects import StateType
 from runners_orchestrator.api._errors import ApiError
 from runners_orchestrator.api._gateway import PrefectGateway
 from runners_orchestrator.api._params import balancer_names, jobs_and_options
+from runners_orchestrator.api._readiness import ReadinessCheck
 from runners_orchestrator.balancing import load_balancer_from_config
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import (
@@ -98,6 +99,7 @@ class ApiState:
     rediscover_seconds: float = 1.0
     gateway: PrefectGateway | None = None
     policy: TargetPolicy = field(default_factory=TargetPolicy)
+    readiness: ReadinessCheck = field(default_factory=ReadinessCheck)
     _discovery: Discovery | None = None
     _discovered_at: float = 0.0
 
@@ -139,6 +141,7 @@ class ApiState:
             try:
                 yield
             finally:
+                await self.readiness.aclose()
                 await self.gateway.aclose()
                 self.gateway = None
 

@@ -303,6 +303,7 @@ def summarise(
                 counts.failed += 1
             else:
                 counts.errored += 1
+        counts.failovers += result.failovers
     completed_at = datetime.now(UTC)
     started = created_at or min((r.started_at for r in results), default=completed_at)
     return RunSummary(

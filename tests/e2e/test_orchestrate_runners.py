@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from prefect.client.schemas.filters import (
 )
 
 from conftest import use_registry
-from helpers import ScriptedRunnerServer, cli_process, free_port, serve_app
+from helpers import ScriptedRunnerServer, blackhole, cli_process, free_port, serve_app
 from runners_orchestrator import RunSummary
 from runners_orchestrator.runner_server import RunnerServerConfig, RunnerServerPlugin
 
@@ -94,7 +95,13 @@ async def test_happy_path_across_regions(seed_flows, two_regions, pages, monkeyp
     assert isinstance(summary, RunSummary)
     assert summary.run_id == flow_run_id
     assert summary.state == "completed"
-    assert summary.summary.model_dump() == {"total": 4, "passed": 2, "failed": 2, "errored": 0}
+    assert summary.summary.model_dump() == {
+        "total": 4,
+        "passed": 2,
+        "failed": 2,
+        "errored": 0,
+        "failovers": 0,
+    }
     us, eu, anywhere = summary.jobs
     assert us.region == "us-east-1"
     assert us.server in {"us-1", "us-2"}
@@ -165,7 +172,13 @@ async def test_region_without_healthy_server_fails_its_jobs_and_the_run_complete
     )
     assert us.state == "completed"
     assert summary.state == "failed"
-    assert summary.summary.model_dump() == {"total": 2, "passed": 1, "failed": 0, "errored": 1}
+    assert summary.summary.model_dump() == {
+        "total": 2,
+        "passed": 1,
+        "failed": 0,
+        "errored": 1,
+        "failovers": 0,
+    }
 
 
 async def test_hung_server_times_out_and_the_run_completes(seed_flows, pages, monkeypatch):
@@ -237,9 +250,16 @@ async def test_server_killed_mid_run_every_job_accounted_for(seed_flows, pages, 
     assert {j.job_id for j in summary.jobs} == {f"job-{i}" for i in range(1, 25)}
     assert all(j.state == "completed" for j in summary.jobs), [j.error for j in summary.jobs]
     assert summary.summary.passed == 24
-    failed_over = [j for j in summary.jobs if j.attempts > 1]
+    failed_over = [j for j in summary.jobs if j.failovers]
     assert failed_over, "some job must have been in flight on the killed server"
     assert all(j.server != "us-0" for j in failed_over)
+    assert summary.summary.failovers == sum(j.failovers for j in summary.jobs)
+    # Once one job learned that us-0 was gone, no job was sent there: only jobs that were
+    # already on their way to it (at most the window of 6) ever met it failing.
+    met_the_dead = [
+        j for j in summary.jobs if any(t.server == "us-0" and t.outcome != "ok" for t in j.tries)
+    ]
+    assert len(met_the_dead) <= 6
 
 
 async def test_concurrent_runs_never_exceed_server_capacity(seed_flows, pages, monkeypatch):
@@ -301,3 +321,28 @@ async def test_large_runs_use_batch_tasks_and_keep_every_job(
         "execute_runner_batch[3/3 · jobs job-9…job-10]",
     ]
     assert not any(n.startswith("select_best_server") for n in names)
+
+
+async def test_silent_server_costs_the_run_little(seed_flows, two_regions, pages, monkeypatch):
+    """A registered server that drops connects, next to a healthy one: 40 jobs."""
+    jobs = [
+        {"url": pages.url("/slow?s=0.1"), "runners": ["exampleTitleVisibleTest"]} for _ in range(40)
+    ]
+    options = {"maxConcurrency": 10, "region": "us-east-1"}
+    use_registry(monkeypatch, ("us-1", two_regions["us-1"], "us-east-1", 10))
+    started = time.monotonic()
+    await run_flow(seed_flows["orchestrate_runners"], jobs=jobs, options=options)
+    healthy = time.monotonic() - started
+    with blackhole() as silent:
+        use_registry(
+            monkeypatch,
+            ("silent", silent, "us-east-1", 10),
+            ("us-1", two_regions["us-1"], "us-east-1", 10),
+        )
+        started = time.monotonic()
+        summary, _ = await run_flow(seed_flows["orchestrate_runners"], jobs=jobs, options=options)
+        elapsed = time.monotonic() - started
+    assert all(j.state == "completed" for j in summary.jobs)
+    tries = Counter(t.server for j in summary.jobs for t in j.tries)
+    assert tries["silent"] <= 1  # its health probe timed out: it was out before any job
+    assert elapsed < 3 * healthy + 2  # only catches a hang; the count above is the proof

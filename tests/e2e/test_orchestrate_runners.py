@@ -132,6 +132,8 @@ async def test_happy_path_across_regions(seed_flows, two_regions, pages, monkeyp
     assert table[0]["url"] == pages.url("/banner-visible")
     assert {row["region"] for row in table} == {"us-east-1", "eu-west-1"}
     assert "4** checks in **3** jobs" in by_type["markdown"].data
+    assert "🔀 0 failovers" in by_type["markdown"].data
+    assert {row["tries"] for row in table} == {""}  # every job ran where it was sent
     assert by_type["progress"].data == 100
     assert by_type["progress"].description == "jobs done: 3/3"
 

@@ -318,8 +318,9 @@ async def test_silent_server_costs_one_job_its_connect_timeout_then_none(pages, 
     for r in waited:  # that job failed over at once, and says so
         assert outcomes(r) == [("silent", "connect_timeout"), ("good", "ok")]
         assert r.failovers == 1
-    # Only catches a hang: the counts above are the proof.
-    assert elapsed < 3 * healthy + policy.connect_timeout
+    # Only catches a hang (each job waiting its 30 s request timeout), with room for a loaded
+    # machine: the counts above are the proof.
+    assert elapsed < 3 * healthy + 5
 
 
 async def test_silent_only_server_is_retried_then_the_job_fails(pages):

@@ -347,4 +347,6 @@ async def test_silent_server_costs_the_run_little(seed_flows, two_regions, pages
     assert all(j.state == "completed" for j in summary.jobs)
     tries = Counter(t.server for j in summary.jobs for t in j.tries)
     assert tries["silent"] <= 1  # its health probe timed out: it was out before any job
-    assert elapsed < 3 * healthy + 2  # only catches a hang; the count above is the proof
+    # Only catches a hang (a silent server would cost its jobs 45 s each), with room for a
+    # loaded machine; the count above is the proof.
+    assert elapsed < 3 * healthy + 10

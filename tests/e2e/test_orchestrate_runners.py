@@ -113,7 +113,10 @@ async def test_happy_path_across_regions(seed_flows, two_regions, pages, monkeyp
 
     names = await task_run_names(flow_run_id)
     assert sum(n.startswith("find_available_servers") for n in names) == 1
-    assert sum(n.startswith("select_best_server") for n in names) == 3
+    # One task run per job: the server choice is a plain call (a task run costs the Prefect
+    # server ~35 ms of CPU, more than the choice itself).
+    assert sum(n.startswith("execute_runner[") for n in names) == 3
+    assert not any(n.startswith("select_best_server") for n in names)
     assert "execute_runner[job-1 · us-east-1 · 127.0.0.1]" in names
     assert "execute_runner[job-2 · eu-west-1 · 127.0.0.1]" in names
     assert sum(n.startswith("aggregate_results") for n in names) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from collections import Counter
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from litestar import Litestar
 from prefect.client.orchestration import get_client
@@ -241,7 +243,15 @@ async def test_server_killed_mid_run_every_job_accounted_for(seed_flows, pages, 
         ]
 
         def kill_soon() -> None:
-            time.sleep(0.6)
+            # Kill it while it has work in flight, however slowly the run starts on a loaded
+            # machine (a fixed delay could kill it before the run probed it).
+            health = f"http://127.0.0.1:{ports[0]}/api/runner/health"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(health, timeout=1).json()["inFlight"] > 0:
+                        break
+                time.sleep(0.02)
             os.kill(first.pid, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_soon)

@@ -350,3 +350,20 @@ async def test_ejected_server_is_out_for_new_jobs_until_a_probe_brings_it_back(p
         back = await executor(only, health=health).run(job(pages), "job-2", timeout=10)
     assert (back.state, back.server, back.attempts) == ("completed", "only", 1)
     assert not health.is_out("only")
+
+
+async def test_a_server_that_answers_429_is_confirmed_and_not_tried_one_job_at_a_time(pages):
+    # A trial ends with any HTTP answer: a full server is reachable, so jobs may go on
+    # sending to it in parallel (each then gets its own 429 or result).
+    busy_then_ok = (
+        ScriptedRunnerServer()
+        .then(429, {"code": "TOO_MANY_REQUESTS"}, {"Retry-After": "0.1"})
+        .always(200, ts_results(("a", "pass"), ("b", "pass")))
+    )
+    health = HealthChecker()
+    with serve_app(busy_then_ok) as base:
+        run = executor(avail("only", base), health=health)
+        first = await run.run(job(pages), "job-1", timeout=10)
+    assert outcomes(first) == [("only", "busy"), ("only", "ok")]
+    assert not health.on_trial("only")
+    assert "only" in health._confirmed

@@ -147,3 +147,12 @@ async def test_registry_types_by_name_and_path():
     assert isinstance(registry_from_config(by_path), InMemoryRegistry)
     with pytest.raises(ConfigurationError, match="unknown registry type 'consul'"):
         registry_from_config(RegistryConfig(type="consul"))
+
+
+async def test_an_http_answer_confirms_a_server_but_does_not_bring_back_one_that_is_out():
+    health = HealthChecker()
+    health.eject("a", "refused")
+    health.confirm("a")
+    assert health.is_out("a")
+    health.confirm("b")
+    assert "b" in health._confirmed

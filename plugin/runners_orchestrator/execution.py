@@ -422,6 +422,8 @@ class _JobRun:
                 timeout,
                 connect_timeout=executor.policy.connect_timeout,
             )
+        if answer.status is not None:
+            executor.health.confirm(server.id)  # it answered: its trial is over
         self.tries.append(
             Attempt(
                 server=server.id,

@@ -9,7 +9,8 @@ process, so every job of every run sees it:
   jobs failing on a server already out change nothing. It is probed again
   ``ejection_seconds`` after it went out, then after ``ejection_seconds`` times the number of
   failed probes (at most ten times), the way Envoy ejects outliers;
-- a server is **confirmed** once it answered (a probe or a job) since it last failed. A
+- a server is **confirmed** once it answered over HTTP (a probe or a job, even a 429)
+  since it last failed. A
   server that is not confirmed takes one job at a time, a trial: a silent server costs one
   job its ``connect_timeout``, not one per job in flight.
 
@@ -190,6 +191,15 @@ class HealthChecker:
         """Forget a server's failures: it answered."""
         self._ejected.pop(server_id, None)
         self._confirmed.add(server_id)
+
+    def confirm(self, server_id: str) -> None:
+        """``server_id`` answered over HTTP (whatever it said): it takes connections again.
+
+        Unlike :meth:`restore`, this does not bring back a server that is out; a 429 or a
+        5xx proves the server is reachable, not that it works.
+        """
+        if server_id not in self._ejected:
+            self._confirmed.add(server_id)
 
     def is_out(self, server_id: str) -> bool:
         """``server_id`` is ejected: no job may use it until a probe brings it back."""

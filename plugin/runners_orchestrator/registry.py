@@ -7,8 +7,8 @@ process, so every job of every run sees it:
 - a server that fails (a probe, or a job's connection error or timeout) is **ejected**: no
   job is sent to it until a probe brings it back. One failure streak is one ejection: more
   jobs failing on a server already out change nothing. It is probed again
-  ``ejection_seconds`` after it went out, then after ``ejection_seconds`` times the number of
-  failed probes (at most ten times), the way Envoy ejects outliers;
+  ``ejection_seconds`` after it went out, then after ``ejection_seconds`` times one more than
+  the number of failed probes (at most ten times), the way Envoy ejects outliers;
 - a server is **confirmed** once it answered over HTTP (a probe or a job, even a 429)
   since it last failed. A
   server that is not confirmed takes one job at a time, a trial: a silent server costs one

@@ -29,6 +29,14 @@ def runner_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def browser_runner_url() -> Iterator[str]:
+    """A runner server with the browser engine (headless Chromium), on a real socket."""
+    config = RunnerServerConfig(region="us-east-1", engine="browser", capacity=8)
+    with serve_app(create_runner_app(config)) as url:
+        yield url
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30) as http:

@@ -19,8 +19,9 @@ import os
 import re
 import shutil
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from playwright.async_api import Error as PlaywrightError
@@ -35,7 +36,7 @@ from runners_orchestrator.runner_server.engines._browser_builtins import (
 from runners_orchestrator.target_policy import TargetPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
 
     from playwright.async_api import Browser, BrowserContext, Page, Playwright, Route
 
@@ -81,6 +82,37 @@ CLOSE_TIMEOUT = 5.0
 """Seconds a context may take to close before it is left to the browser's relaunch."""
 
 CRASHED = "the browser closed during the check (it crashed or was killed); it is relaunched"
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Launched:
+    """One launch of Chromium, and an event set the moment it disconnects."""
+
+    browser: Browser
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def alive(self) -> bool:
+        return not self.gone.is_set() and self.browser.is_connected()
+
+    async def unless_gone(self, work: Awaitable[_T]) -> _T:
+        """Await ``work``, or raise :data:`CRASHED` as soon as the browser disconnects.
+
+        A call in flight when Chromium dies does not always return (a ``new_page`` can
+        wait forever): the check must not wait for it.
+        """
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(self.gone.wait())
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        raise RunnerError(CRASHED)
 
 
 def _playwright_chromiums() -> list[Path]:
@@ -183,7 +215,7 @@ class BrowserEngine:
         self.launches = 0
         """How many times Chromium was launched: 1, plus one per crash recovered from."""
         self._playwright: Playwright | None = None
-        self._browser: Browser | None = None
+        self._launched: _Launched | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -194,8 +226,8 @@ class BrowserEngine:
     @property
     def open_contexts(self) -> int:
         """Browser contexts open right now: as many as checks in flight, 0 at rest."""
-        browser = self._browser
-        return len(browser.contexts) if browser is not None and browser.is_connected() else 0
+        launched = self._launched
+        return len(launched.browser.contexts) if launched is not None and launched.alive() else 0
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -217,37 +249,40 @@ class BrowserEngine:
             finally:
                 if self._closing:
                     await asyncio.wait(self._closing, timeout=CLOSE_TIMEOUT)
-                if self._browser is not None:
+                if self._launched is not None:
                     with contextlib.suppress(PlaywrightError):
-                        await self._browser.close()
-                self._browser = None
+                        await self._launched.browser.close()
+                self._launched = None
                 self._playwright = None
 
-    async def _ready_browser(self) -> Browser:
-        """The running browser; launched (again) if it is not connected."""
-        browser = self._browser
-        if browser is not None and browser.is_connected():
-            return browser
+    async def _ready_browser(self) -> _Launched:
+        """The running browser; launched (again) if it is gone."""
+        launched = self._launched
+        if launched is not None and launched.alive():
+            return launched
         async with self._lock:
-            if self._browser is not None and self._browser.is_connected():
-                return self._browser
+            if self._launched is not None and self._launched.alive():
+                return self._launched
             if self._playwright is None:
                 raise RuntimeError("the browser engine is not started: run the app's lifespan")
-            if self._browser is not None:
+            if self._launched is not None:
                 logger.warning("Chromium is gone (crashed or killed); launching it again")
-                with contextlib.suppress(PlaywrightError):
-                    await self._browser.close()
+                with contextlib.suppress(PlaywrightError, TimeoutError):
+                    await asyncio.wait_for(self._launched.browser.close(), CLOSE_TIMEOUT)
+                self._launched = None
             try:
-                self._browser = await self._playwright.chromium.launch(
+                browser = await self._playwright.chromium.launch(
                     executable_path=self.executable, args=list(CHROMIUM_ARGS), timeout=30_000
                 )
             except PlaywrightError as exc:
-                self._browser = None
                 raise RunnerError(
                     f"could not launch Chromium at {self.executable}: {_first_line(exc)}"
                 ) from exc
+            launched = _Launched(browser)
+            browser.on("disconnected", lambda _: launched.gone.set())
+            self._launched = launched
             self.launches += 1
-            return self._browser
+            return launched
 
     async def run(self, runner: AnyRunner, ctx: RunnerContext) -> RunnerResult:
         """Run ``runner``: a plain one with its context, a browser one in a fresh page."""
@@ -256,23 +291,29 @@ class BrowserEngine:
         return await self._run_in_page(runner, ctx)
 
     async def _run_in_page(self, runner: BrowserRunner, ctx: RunnerContext) -> RunnerResult:
-        browser = await self._ready_browser()
-        context = await self._new_context(browser)
-        guard = _Guard(self.policy)
+        launched = await self._ready_browser()
+        context = await launched.unless_gone(self._new_context(launched.browser))
         try:
-            await context.route("**/*", guard.handle)
-            page = await context.new_page()
-            if ctx.url:
-                await self._open(page, ctx, guard)
-            return await runner.fn(page, ctx)
+            return await launched.unless_gone(self._check(runner, ctx, context))
         except PlaywrightError as exc:
-            if not browser.is_connected():
+            if not launched.alive():
                 raise RunnerError(CRASHED) from exc
             if isinstance(exc, PlaywrightTimeoutError):
                 raise RunnerError(f"runner {ctx.name} timed out: {_first_line(exc)}") from exc
             raise RunnerError(_first_line(exc)) from exc
         finally:
-            await self._close(context)
+            if launched.alive():  # a dead browser took its contexts with it
+                await self._close(context)
+
+    async def _check(
+        self, runner: BrowserRunner, ctx: RunnerContext, context: BrowserContext
+    ) -> RunnerResult:
+        guard = _Guard(self.policy)
+        await context.route("**/*", guard.handle)
+        page = await context.new_page()
+        if ctx.url:
+            await self._open(page, ctx, guard)
+        return await runner.fn(page, ctx)
 
     async def _new_context(self, browser: Browser) -> BrowserContext:
         """A new context; if the check is cancelled meanwhile, it is closed once it exists."""

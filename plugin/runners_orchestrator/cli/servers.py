@@ -184,6 +184,7 @@ def _dev(args: argparse.Namespace) -> int:
         runner_port=args.runner_port,
         log_level=args.log_level,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        runner_engine=args.runner_engine,
     )
     try:
         return stack.run()
@@ -269,6 +270,13 @@ def add_commands(commands: Any) -> None:
         default=None,
         help="where the embedded Prefect server keeps its database (default: .state/ "
         "in the project root)",
+    )
+    dev.add_argument(
+        "--runner-engine",
+        choices=("auto", "browser", "http"),
+        default="auto",
+        help="the runner servers' engine; auto: browser when a Chromium is found, else http "
+        "(default: %(default)s)",
     )
     add_log_level(dev)
     dev.set_defaults(handler=_dev)

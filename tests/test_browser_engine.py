@@ -145,13 +145,17 @@ async def test_consent_remembered_by_one_check_does_not_leak_into_the_next(
 
 
 async def test_page_that_never_loads_is_an_error_within_the_timeout(client, pages: PageServer):
-    config = RunnerServerConfig(engine="browser", runner_timeout=2)
+    config = RunnerServerConfig(engine="browser", runner_timeout=5)
     with serve_app(create_runner_app(config)) as base:
         url = pages.url("/never-loads")
-        result = await one_result(client, base, url, "cookieBannerVisibleTest")
+        body = {"url": url, "runners": ["cookieBannerVisibleTest"]}
+        (result,) = (await execute(client, base, body)).json()["results"]
+        # What the page showed when the time ran out: kept back from loading to take it.
+        shot = await client.get(result["details"]["screenshot"])
+        assert shot.headers["content-type"] == "image/jpeg"
     assert result["status"] == "error"
-    assert "2" in result["errorMessage"]
-    assert result["durationMs"] < 4000
+    assert result["errorMessage"].startswith(f"{url} did not finish loading within ")
+    assert result["durationMs"] < 7000  # the 5 s timeout, not the image's 30 s
 
 
 async def test_browser_killed_during_a_check_errors_it_and_the_next_check_passes(
@@ -222,7 +226,8 @@ async def test_a_users_browser_runner_is_served_like_the_builtins(client, server
     }
     results = (await execute(client, base, body)).json()["results"]
     assert [r["status"] for r in results] == ["fail", "pass"]
-    assert results[0]["details"] == {"links": 0}
+    assert results[0]["details"]["links"] == 0
+    assert "screenshot" in results[0]["details"]  # failures of a user's runner show too
 
 
 def test_an_http_server_refuses_browser_runners():
@@ -249,3 +254,38 @@ def test_browser_server_without_chromium_refuses_to_start_in_one_line(tmp_path):
         "ORCHESTRATOR_CHROMIUM (or --chromium) to its path, install Debian's package "
         "(apt-get install chromium), or run `playwright install chromium`"
     )
+
+
+async def test_a_failed_check_links_a_small_screenshot_and_a_pass_none(client, server, pages):
+    base, _ = server
+    body: dict[str, Any] = {
+        "url": pages.url("/banner-stylesheet-hidden"),
+        "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
+        "input": {"waitMs": 200},
+    }
+    banner, title = (await execute(client, base, body)).json()["results"]
+    assert banner["status"] == "fail"
+    assert banner["details"]["screenshot"].startswith(f"{base}/api/runner/screenshots/")
+    shot = await client.get(banner["details"]["screenshot"])
+    assert shot.status_code == 200
+    assert shot.headers["content-type"] == "image/jpeg"
+    assert shot.content.startswith(b"\xff\xd8")  # a JPEG
+    assert len(shot.content) < 100_000
+    assert title["status"] == "fail"  # no <title> on that page: a second, distinct screenshot
+    assert title["details"]["screenshot"] != banner["details"]["screenshot"]
+
+    passing = await one_result(
+        client, base, pages.url("/banner-visible"), "cookieBannerVisibleTest"
+    )
+    assert "screenshot" not in passing["details"]
+
+    errored = await execute(
+        client, base, {"url": pages.url("/status?code=503"), "runners": ["exampleTitleVisibleTest"]}
+    )
+    (result,) = errored.json()["results"]
+    assert result["status"] == "error"
+    assert (await client.get(result["details"]["screenshot"])).status_code == 200
+
+    missing = await client.get(f"{base}/api/runner/screenshots/nope.jpg")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "NOT_FOUND"

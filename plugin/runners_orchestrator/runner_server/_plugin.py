@@ -44,11 +44,12 @@ from runners_orchestrator.runner_server._registry import (
     RunnerRegistry,
     validation_issues,
 )
+from runners_orchestrator.runner_server._screenshots import ScreenshotStore
 from runners_orchestrator.runner_server.engines import ENGINES, create_engine
 from runners_orchestrator.target_policy import TargetPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     import httpx
     from litestar.config.app import AppConfig
@@ -111,6 +112,8 @@ class RunnerServerConfig:
     """Largest page body a runner reads."""
     retry_after: int = 1
     """Seconds a client is told to wait when the server is at capacity."""
+    screenshots: int = 200
+    """Screenshots of failed browser checks kept in memory and served (the most recent)."""
     policy: TargetPolicy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +176,7 @@ class _RunnerServer:
                     "serve them with the browser engine (--engine browser)"
                 )
         self.in_flight = 0
+        self.screenshots = ScreenshotStore(config.screenshots)
         self._client: httpx.AsyncClient | None = None
 
     @asynccontextmanager
@@ -274,11 +278,24 @@ class _RunnerServer:
                 return _error(400, "INPUT_VALIDATION_FAILED", message, invalid, wrapped=wrapped)
             planned.append((runner, spec, checked))
 
-        results = await asyncio.gather(*(self._run(r, s, i) for r, s, i in planned))
+        shots = f"{str(request.base_url).rstrip('/')}{self.config.path}/screenshots/"
+
+        def keep_screenshot(data: bytes) -> str:
+            return f"{shots}{self.screenshots.add(data)}.jpg"
+
+        results = await asyncio.gather(
+            *(self._run(r, s, i, keep_screenshot) for r, s, i in planned)
+        )
         response = ExecuteResponse(region=self.config.region, run_id=body.run_id, results=results)
         return _answer(response.to_wire(), 200, wrapped=wrapped)
 
-    async def _run(self, runner: AnyRunner, spec: RunnerSpec, data: dict[str, Any]) -> RunnerResult:
+    async def _run(
+        self,
+        runner: AnyRunner,
+        spec: RunnerSpec,
+        data: dict[str, Any],
+        keep_screenshot: Callable[[bytes], str] | None = None,
+    ) -> RunnerResult:
         """Run one runner to a result; every failure becomes an ``error`` result."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -291,6 +308,7 @@ class _RunnerServer:
             client=self.client,
             deadline=started + timeout,
             max_page_bytes=self.config.max_page_bytes,
+            keep_screenshot=keep_screenshot,
         )
         try:
             async with asyncio.timeout_at(ctx.deadline):
@@ -338,9 +356,22 @@ def _build_router(server: _RunnerServer) -> Router:
     async def health() -> dict[str, Any]:
         return server.health().to_wire()
 
+    @get(
+        "/screenshots/{name:str}",
+        summary="A failed browser check's screenshot",
+        description="The JPEG that a failed or errored browser check's `details.screenshot` "
+        "names; the server keeps the most recent ones in memory.",
+    )
+    async def screenshot(name: str) -> Response[Any]:
+        data = server.screenshots.get(name.removesuffix(".jpg"))
+        if data is None:
+            message = f"no screenshot {name}: it was never taken or is no longer kept"
+            return _error(404, "NOT_FOUND", message, defined=False)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
     return Router(
         path=server.config.path,
-        route_handlers=[execute, info, health],
+        route_handlers=[execute, info, health, screenshot],
         exception_handlers={HTTPException: _http_exception},
         tags=["Runner"],
     )

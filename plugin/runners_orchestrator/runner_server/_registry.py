@@ -58,6 +58,9 @@ class RunnerContext:
     """Loop time (``asyncio.get_running_loop().time()``) by which the runner must end."""
     max_page_bytes: int = 5_000_000
     """Largest page body a runner should read, so a huge page cannot exhaust memory."""
+    keep_screenshot: Callable[[bytes], str] | None = None
+    """Stores a JPEG and returns the URL it is served at (set by the server; the browser
+    engine uses it for failed checks)."""
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

@@ -8,6 +8,10 @@ checks in flight as ``error`` results and is launched again for the next check.
 Every request a page makes, its subresources included, passes the server's target policy
 before it leaves (a Playwright route); a page whose document came from a refused address
 (after a redirect, say) is an ``error`` and nothing of it is reported.
+
+A check that fails, or errors with its page open, takes a screenshot of the viewport (a
+small JPEG) that the server keeps and serves; the result carries its URL in
+``details.screenshot``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from playwright.async_api import async_playwright
 
 from runners_orchestrator.exceptions import ConfigurationError, RunnerError, TargetNotAllowedError
+from runners_orchestrator.models import RunnerResult
 from runners_orchestrator.runner_server._registry import Runner
 from runners_orchestrator.runner_server.engines._browser_builtins import (
     register_browser_builtins,
@@ -40,7 +45,6 @@ if TYPE_CHECKING:
 
     from playwright.async_api import Browser, BrowserContext, Page, Playwright, Route
 
-    from runners_orchestrator.models import RunnerResult
     from runners_orchestrator.runner_server._registry import (
         AnyRunner,
         BrowserRunner,
@@ -82,6 +86,13 @@ CLOSE_TIMEOUT = 5.0
 """Seconds a context may take to close before it is left to the browser's relaunch."""
 
 CRASHED = "the browser closed during the check (it crashed or was killed); it is relaunched"
+
+SCREENSHOT_QUALITY = 50
+"""JPEG quality of failure screenshots: a 1280x720 viewport is then some tens of KB."""
+
+SCREENSHOT_RESERVE = 1.5
+"""Seconds of a check's budget kept back from loading the page, to screenshot a page that
+does not finish loading before the server's deadline."""
 
 _T = TypeVar("_T")
 
@@ -293,27 +304,65 @@ class BrowserEngine:
     async def _run_in_page(self, runner: BrowserRunner, ctx: RunnerContext) -> RunnerResult:
         launched = await self._ready_browser()
         context = await launched.unless_gone(self._new_context(launched.browser))
+        pages: list[Page] = []
         try:
-            return await launched.unless_gone(self._check(runner, ctx, context))
-        except PlaywrightError as exc:
-            if not launched.alive():
-                raise RunnerError(CRASHED) from exc
-            if isinstance(exc, PlaywrightTimeoutError):
-                raise RunnerError(f"runner {ctx.name} timed out: {_first_line(exc)}") from exc
-            raise RunnerError(_first_line(exc)) from exc
+            try:
+                result = await launched.unless_gone(self._check(runner, ctx, context, pages))
+            except PlaywrightError as exc:
+                if not launched.alive():
+                    raise RunnerError(CRASHED) from exc
+                if isinstance(exc, PlaywrightTimeoutError):
+                    raise RunnerError(f"runner {ctx.name} timed out: {_first_line(exc)}") from exc
+                raise RunnerError(_first_line(exc)) from exc
+            if result.status != "pass":  # the page is still open: show what it looked like
+                shot = await self._screenshot(launched, pages, ctx)
+                if shot is not None:
+                    details = {**(result.details or {}), "screenshot": shot}
+                    result = result.model_copy(update={"details": details})
+        except RunnerError as exc:
+            shot = await self._screenshot(launched, pages, ctx)
+            if shot is None:
+                raise
+            return RunnerResult(
+                name=ctx.name,
+                status="error",
+                error_message=str(exc),
+                details={"screenshot": shot},
+            )
         finally:
             if launched.alive():  # a dead browser took its contexts with it
                 await self._close(context)
+        return result
 
     async def _check(
-        self, runner: BrowserRunner, ctx: RunnerContext, context: BrowserContext
+        self, runner: BrowserRunner, ctx: RunnerContext, context: BrowserContext, pages: list[Page]
     ) -> RunnerResult:
         guard = _Guard(self.policy)
         await context.route("**/*", guard.handle)
         page = await context.new_page()
+        pages.append(page)
         if ctx.url:
             await self._open(page, ctx, guard)
         return await runner.fn(page, ctx)
+
+    @staticmethod
+    async def _screenshot(launched: _Launched, pages: list[Page], ctx: RunnerContext) -> str | None:
+        """Screenshot the check's page for a failure; its URL, or ``None`` if none was taken.
+
+        Not for a refused target (nothing of such a page is reported), a dead browser, or
+        when the deadline is too near.
+        """
+        budget = ctx.remaining() - 0.2
+        if not pages or ctx.keep_screenshot is None or not launched.alive() or budget < 0.3:  # noqa: PLR2004
+            return None
+        shooting = pages[0].screenshot(
+            type="jpeg", quality=SCREENSHOT_QUALITY, timeout=min(budget, 5.0) * 1000
+        )
+        try:
+            data = await launched.unless_gone(shooting)
+        except (PlaywrightError, RunnerError):
+            return None
+        return ctx.keep_screenshot(data)
 
     async def _new_context(self, browser: Browser) -> BrowserContext:
         """A new context; if the check is cancelled meanwhile, it is closed once it exists."""
@@ -351,7 +400,8 @@ class BrowserEngine:
             TargetNotAllowedError: the page, or where it redirected, is a refused address.
         """
         url = ctx.url or ""
-        timeout = max(ctx.remaining(), 0.001)
+        remaining = ctx.remaining()
+        timeout = max(remaining - SCREENSHOT_RESERVE, remaining / 2, 0.001)
         try:
             response = await page.goto(url, wait_until="load", timeout=timeout * 1000)
         except PlaywrightTimeoutError as exc:

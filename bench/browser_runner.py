@@ -1,0 +1,228 @@
+"""Browser checks per second for one runner server, against the naive way, and its memory.
+
+Starts, on 127.0.0.1 only: a page server (bench/page_server.py) and a runner server with
+the browser engine (`runners-orchestrator runner-server --engine browser`, its default
+capacity unless --capacity), each its own process. Then, in the same run:
+
+1. throughput: C concurrent clients (default 4) send N title checks (default 40), as the
+   TypeScript runner server was measured (6.05 checks/s, p50 0.61 s, on this kind of
+   machine);
+2. the naive way: the same checks, each launching its own Chromium (launch, page, goto,
+   title, close), with the same concurrency;
+3. optionally (--sweep), throughput at 1, 2, 4, 8 and 16 clients against a server of
+   capacity 64, to choose the default capacity;
+4. memory: the RSS of the runner server's whole process tree (Python, Playwright's
+   driver, Chromium and its renderers) and the number of Chromium processes, after 50 and
+   after --memory-checks (default 1000) checks.
+
+Usage: python bench/browser_runner.py [--checks 40] [--clients 4] [--memory-checks 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "plugin"))
+
+from runners_orchestrator.runner_server.engines.browser import (  # noqa: E402
+    CHROMIUM_ARGS,
+    find_chromium,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def process(args: list[str], health: str):
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(health, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def memory(pid: int) -> tuple[float, int]:
+    """Total RSS in MB of the tree under ``pid``, and how many of its processes are Chromium."""
+    rss = 0
+    chromium = 0
+    for member in tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+            cmdline = Path(f"/proc/{member}/cmdline").read_bytes()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+        if b"chromium" in cmdline.split(b"\0")[0] or b"chrome" in cmdline.split(b"\0")[0]:
+            chromium += 1
+    return rss / 1024, chromium
+
+
+async def closed_loop(check, total: int, clients: int) -> tuple[float, list[float], int]:
+    """``clients`` workers share ``total`` checks; return checks/s, latencies, failures."""
+    remaining = total
+    latencies: list[float] = []
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal remaining, failures
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            ok = await check()
+            latencies.append(time.perf_counter() - started)
+            failures += not ok
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return total / (time.perf_counter() - started), latencies, failures
+
+
+def report(name: str, rate: float, latencies: list[float], failures: int) -> None:
+    p50 = statistics.median(latencies)
+    p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else p50
+    print(
+        f"  {name:<34} {rate:6.2f} checks/s   p50 {p50:.2f} s   p95 {p95:.2f} s"
+        f"   failures {failures}",
+        flush=True,
+    )
+
+
+async def naive_check(page: str, chromium: str) -> bool:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            tab = await browser.new_page()
+            await tab.goto(page)
+            return bool((await tab.title()).strip())
+        finally:
+            await browser.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checks", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--capacity", type=int, default=None)
+    parser.add_argument("--memory-checks", type=int, default=1000)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+
+    chromium = find_chromium()
+    page_port = free_port()
+    page = f"http://127.0.0.1:{page_port}/"
+    cli = [sys.executable, "-m", "runners_orchestrator.cli", "runner-server", "--engine", "browser"]
+    body = {"url": page, "runners": ["exampleTitleVisibleTest"]}
+
+    def server(capacity: int | None) -> tuple[list[str], str]:
+        port = free_port()
+        extra = ["--capacity", str(capacity)] if capacity else []
+        return [*cli, "--port", str(port), "--log-level", "warning", *extra], (
+            f"http://127.0.0.1:{port}/api/runner"
+        )
+
+    with process([sys.executable, str(HERE / "page_server.py"), str(page_port)], page):
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+            def via(runner: str):
+                async def check() -> bool:
+                    response = await client.post(f"{runner}/execute", json=body)
+                    return (
+                        response.status_code == 200
+                        and response.json()["results"][0]["status"] == "pass"
+                    )
+
+                return check
+
+            args_, runner = server(args.capacity)
+            with process(args_, f"{runner}/health") as proc:
+                capacity = (await client.get(f"{runner}/health")).json()["capacity"]
+                print(f"Chromium {chromium}; runner server capacity {capacity}", flush=True)
+                await closed_loop(via(runner), 8, 4)  # warm up
+                print(f"{args.checks} title checks, {args.clients} concurrent clients:")
+                rate, latencies, failures = await closed_loop(
+                    via(runner), args.checks, args.clients
+                )
+                report("runner server (one browser)", rate, latencies, failures)
+                if not args.skip_naive:
+                    rate, latencies, failures = await closed_loop(
+                        lambda: naive_check(page, chromium), args.checks, args.clients
+                    )
+                    report("naive (a browser per check)", rate, latencies, failures)
+
+                print("memory of the runner server's process tree:", flush=True)
+                done = 8 + args.checks
+                mb, procs = memory(proc.pid)
+                print(f"  after {done:>5} checks: {mb:7.0f} MB, {procs} Chromium processes")
+                for target in (50, args.memory_checks):
+                    if target > done:
+                        await closed_loop(via(runner), target - done, args.clients)
+                        done = target
+                    mb, procs = memory(proc.pid)
+                    print(
+                        f"  after {done:>5} checks: {mb:7.0f} MB, {procs} Chromium processes",
+                        flush=True,
+                    )
+
+            if args.sweep:
+                args_, runner = server(64)
+                with process(args_, f"{runner}/health"):
+                    await closed_loop(via(runner), 8, 4)
+                    print("throughput by concurrent clients (capacity 64):")
+                    for clients in (1, 2, 4, 8, 16):
+                        rate, latencies, failures = await closed_loop(
+                            via(runner), max(40, clients * 5), clients
+                        )
+                        report(f"{clients:>2} clients", rate, latencies, failures)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

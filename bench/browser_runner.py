@@ -84,22 +84,30 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def memory(pid: int) -> tuple[float, int]:
-    """Total RSS in MB of the tree under ``pid``, and how many of its processes are Chromium."""
-    rss = 0
+def memory(pid: int) -> tuple[float, float, int]:
+    """RSS and PSS in MB summed over the tree under ``pid``, and its Chromium processes.
+
+    The RSS sum counts pages shared between Chromium's processes once per process (as `ps`
+    totals do); PSS shares them out, so it is the memory the tree really holds.
+    """
+    rss = pss = 0
     chromium = 0
     for member in tree(pid):
         try:
             status = Path(f"/proc/{member}/status").read_text()
+            rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
             cmdline = Path(f"/proc/{member}/cmdline").read_bytes()
         except OSError:
             continue
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 rss += int(line.split()[1])
-        if b"chromium" in cmdline.split(b"\0")[0] or b"chrome" in cmdline.split(b"\0")[0]:
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                pss += int(line.split()[1])
+        if b"chrom" in cmdline.split(b"\0")[0]:
             chromium += 1
-    return rss / 1024, chromium
+    return rss / 1024, pss / 1024, chromium
 
 
 async def closed_loop(check, total: int, clients: int) -> tuple[float, list[float], int]:
@@ -198,17 +206,17 @@ async def main() -> None:
                     )
                     report("naive (a browser per check)", rate, latencies, failures)
 
-                print("memory of the runner server's process tree:", flush=True)
+                print("memory of the runner server's process tree (2 s after the last check):")
                 done = 8 + args.checks
-                mb, procs = memory(proc.pid)
-                print(f"  after {done:>5} checks: {mb:7.0f} MB, {procs} Chromium processes")
                 for target in (50, args.memory_checks):
                     if target > done:
                         await closed_loop(via(runner), target - done, args.clients)
                         done = target
-                    mb, procs = memory(proc.pid)
+                    await asyncio.sleep(2)  # let the last checks' renderers exit
+                    rss, pss, procs = memory(proc.pid)
                     print(
-                        f"  after {done:>5} checks: {mb:7.0f} MB, {procs} Chromium processes",
+                        f"  after {done:>5} checks: RSS sum {rss:6.0f} MB, PSS {pss:6.0f} MB, "
+                        f"{procs} Chromium processes",
                         flush=True,
                     )
 

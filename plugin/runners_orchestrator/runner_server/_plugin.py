@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath  # noqa: TC002 - Litestar reads it at run time
 from litestar.plugins import InitPlugin
 from pydantic import ValidationError
 
@@ -362,7 +363,7 @@ def _build_router(server: _RunnerServer) -> Router:
         description="The JPEG that a failed or errored browser check's `details.screenshot` "
         "names; the server keeps the most recent ones in memory.",
     )
-    async def screenshot(name: str) -> Response[Any]:
+    async def screenshot(name: FromPath[str]) -> Response[Any]:
         data = server.screenshots.get(name.removesuffix(".jpg"))
         if data is None:
             message = f"no screenshot {name}: it was never taken or is no longer kept"

@@ -13,9 +13,12 @@ capacity unless --capacity), each its own process. Then, in the same run:
    capacity 64, to choose the default capacity;
 4. memory: the RSS of the runner server's whole process tree (Python, Playwright's
    driver, Chromium and its renderers) and the number of Chromium processes, after 50 and
-   after --memory-checks (default 1000) checks.
+   after --memory-checks (default 1000) checks;
+5. with --kill only: what a killed browser costs: Chromium is SIGKILLed during a check;
+   how long that check takes to answer its error, and the next check (which relaunches).
 
 Usage: python bench/browser_runner.py [--checks 40] [--clients 4] [--memory-checks 1000]
+       python bench/browser_runner.py --kill
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import statistics
@@ -153,6 +157,59 @@ async def naive_check(page: str, chromium: str) -> bool:
             await browser.close()
 
 
+def browser_pid(root: int) -> int:
+    """The Chromium browser process (not a renderer) below ``root``."""
+    for member in tree(root):
+        try:
+            cmdline = Path(f"/proc/{member}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--remote-debugging-pipe" in cmdline and not any(
+            arg.startswith(b"--type=") for arg in cmdline
+        ):
+            return member
+    raise RuntimeError("no Chromium below the runner server")
+
+
+async def kill_cost() -> None:
+    page_port, port = free_port(), free_port()
+    page = f"http://127.0.0.1:{page_port}/"
+    runner = f"http://127.0.0.1:{port}/api/runner"
+    cli = [sys.executable, "-m", "runners_orchestrator.cli", "runner-server", "--engine", "browser"]
+    with (
+        process([sys.executable, str(HERE / "page_server.py"), str(page_port)], page),
+        process([*cli, "--port", str(port), "--log-level", "warning"], f"{runner}/health") as proc,
+    ):
+        async with httpx.AsyncClient(timeout=120) as client:
+            title = {"url": page, "runners": ["exampleTitleVisibleTest"]}
+            for _ in range(5):
+                await client.post(f"{runner}/execute", json=title)
+            started = time.perf_counter()
+            await client.post(f"{runner}/execute", json=title)
+            usual = time.perf_counter() - started
+            # A check that stays in flight: its page never answers (a socket that listens
+            # and never replies).
+            with socket.socket() as silent:
+                silent.bind(("127.0.0.1", 0))
+                silent.listen()
+                stuck = {
+                    "url": f"http://127.0.0.1:{silent.getsockname()[1]}/",
+                    "runners": ["exampleTitleVisibleTest"],
+                }
+                slow = asyncio.create_task(client.post(f"{runner}/execute", json=stuck))
+                await asyncio.sleep(2)
+                os.kill(browser_pid(proc.pid), signal.SIGKILL)
+                killed_at = time.perf_counter()
+                answer = (await slow).json()["results"][0]
+                error_after = time.perf_counter() - killed_at
+            started = time.perf_counter()
+            after = (await client.post(f"{runner}/execute", json=title)).json()["results"][0]
+            relaunch = time.perf_counter() - started
+    print(f"a usual title check:                      {usual:.2f} s")
+    print(f"killed check answered {answer['status']} after the kill:  {error_after:.2f} s")
+    print(f"next check ({after['status']}, relaunches Chromium):  {relaunch:.2f} s")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checks", type=int, default=40)
@@ -161,7 +218,11 @@ async def main() -> None:
     parser.add_argument("--memory-checks", type=int, default=1000)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--kill", action="store_true")
     args = parser.parse_args()
+    if args.kill:
+        await kill_cost()
+        return
 
     chromium = find_chromium()
     page_port = free_port()

@@ -41,9 +41,25 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.browser
 
 
-def _browser_pids() -> set[int]:
-    """The Chromium browser processes (not renderers) below this test process."""
+def _drivers() -> set[int]:
+    """Playwright's driver processes (one per started Playwright) below this test process."""
     mine = str(os.getpid())
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"run-driver" in cmdline and _descends_from(int(entry.name), mine):
+            pids.add(int(entry.name))
+    return pids
+
+
+def _browser_pids(driver: int) -> set[int]:
+    """The Chromium browser processes (not renderers) that ``driver`` launched."""
+    mine = str(driver)
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -73,7 +89,7 @@ def _descends_from(pid: int, ancestor: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, RunnerServerPlugin]]:
+def server() -> Iterator[tuple[str, RunnerServerPlugin, int]]:
     """A browser-engine server of our own, whose engine the tests look into."""
     registry = default_registry("browser")
 
@@ -86,8 +102,10 @@ def server() -> Iterator[tuple[str, RunnerServerPlugin]]:
 
     config = RunnerServerConfig(engine="browser", registry=registry, capacity=2, retry_after=4)
     plugin = RunnerServerPlugin(config)
+    others = _drivers()  # other browser servers of this session run in this process too
     with serve_app(Litestar(plugins=[plugin])) as url:
-        yield url, plugin
+        (driver,) = _drivers() - others
+        yield url, plugin, driver
 
 
 def _engine(plugin: RunnerServerPlugin) -> BrowserEngine:
@@ -161,7 +179,7 @@ async def test_page_that_never_loads_is_an_error_within_the_timeout(client, page
 async def test_browser_killed_during_a_check_errors_it_and_the_next_check_passes(
     client, server, pages: PageServer
 ):
-    base, plugin = server
+    base, plugin, driver = server
     engine = _engine(plugin)
     launches = engine.launches
     body = {
@@ -175,7 +193,7 @@ async def test_browser_killed_during_a_check_errors_it_and_the_next_check_passes
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
-    (pid,) = _browser_pids() & _browser_pids()
+    (pid,) = _browser_pids(driver)
     os.kill(pid, signal.SIGKILL)
     response = await asyncio.wait_for(pending, 10)
     (killed,) = response.json()["results"]
@@ -184,7 +202,7 @@ async def test_browser_killed_during_a_check_errors_it_and_the_next_check_passes
     after = await one_result(client, base, pages.url("/banner-visible"), "cookieBannerVisibleTest")
     assert after["status"] == "pass"
     assert engine.launches == launches + 1
-    assert len(_browser_pids()) == 1
+    assert len(_browser_pids(driver)) == 1
     health = (await client.get(f"{base}/api/runner/health")).json()
     assert health["inFlight"] == 0
 
@@ -192,7 +210,7 @@ async def test_browser_killed_during_a_check_errors_it_and_the_next_check_passes
 async def test_over_capacity_is_429_never_5xx_and_nothing_stays_open(
     client: httpx.AsyncClient, server, pages: PageServer
 ):
-    base, plugin = server
+    base, plugin, _ = server
     body = {
         "url": pages.url("/banner-late"),
         "runners": ["cookieBannerVisibleTest"],
@@ -215,7 +233,7 @@ async def test_over_capacity_is_429_never_5xx_and_nothing_stays_open(
 
 
 async def test_a_users_browser_runner_is_served_like_the_builtins(client, server, pages):
-    base, _ = server
+    base, _, _ = server
     info = (await client.get(f"{base}/api/runner/info")).json()
     builtins = ["cookieBannerVisibleTest", "exampleTitleVisibleTest"]
     assert info["runners"] == [*builtins, "linkCountTest"]
@@ -257,7 +275,7 @@ def test_browser_server_without_chromium_refuses_to_start_in_one_line(tmp_path):
 
 
 async def test_a_failed_check_links_a_small_screenshot_and_a_pass_none(client, server, pages):
-    base, _ = server
+    base, _, _ = server
     body: dict[str, Any] = {
         "url": pages.url("/banner-stylesheet-hidden"),
         "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],

@@ -297,7 +297,7 @@ class DevStack:
                 "id": region,
                 "url": f"http://127.0.0.1:{self.runner_port + offset}/api/runner",
                 "region": region,
-                "capacity": 8 if engine == "browser" else 32,
+                "capacity": 4 if engine == "browser" else 32,
             }
             for offset, region in enumerate(("us-east-1", "eu-west-1"))
         ]

@@ -222,7 +222,7 @@ def add_commands(commands: Any) -> None:
         "--capacity",
         type=positive_int,
         default=None,
-        help="execute requests served at once; more get 429 (default: 32 for http, 8 for browser)",
+        help="execute requests served at once; more get 429 (default: 32 for http, 4 for browser)",
     )
     runner.add_argument(
         "--runner-timeout",

@@ -214,9 +214,9 @@ class BrowserEngine:
     """One reused headless Chromium; a fresh browser context and page for every check."""
 
     name: EngineName = "browser"
-    default_capacity = 8
-    """See ``docs/benchmarks.md``: on 2 cores, throughput is flat from 4 checks at once and
-    latency grows past 8; more would only queue inside Chromium."""
+    default_capacity = 4
+    """See ``docs/benchmarks.md``: on 2 cores, checks at once beyond 4 add no throughput
+    (or lose some) and multiply latency; the rest is better refused (429) than queued."""
 
     def __init__(self, executable: str | None = None, policy: TargetPolicy | None = None) -> None:
         self._configured = executable

@@ -30,6 +30,14 @@ def runner_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def browser_runner_url() -> Iterator[str]:
+    """A runner server with the browser engine (headless Chromium), on a real socket."""
+    config = RunnerServerConfig(region="us-east-1", engine="browser", capacity=8)
+    with serve_app(create_runner_app(config)) as url:
+        yield url
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30) as http:
@@ -84,6 +92,28 @@ def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+def _chromium_found() -> bool:
+    try:
+        from runners_orchestrator.runner_server.engines.browser import (  # noqa: PLC0415
+            find_chromium,
+        )
+
+        find_chromium(os.environ.get("ORCHESTRATOR_CHROMIUM"))
+    except Exception:  # Playwright missing or no Chromium: the same answer
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip browser tests where no Chromium is found, except in CI (which installs it)."""
+    if os.environ.get("CI") == "true" or _chromium_found():
+        return
+    skip = pytest.mark.skip(reason="needs a Chromium (apt-get install chromium); CI never skips")
+    for item in items:
+        if "browser" in item.keywords:
+            item.add_marker(skip)
 
 
 logging.getLogger("httpx").setLevel(logging.WARNING)

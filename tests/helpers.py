@@ -57,6 +57,46 @@ PAGES: dict[str, str] = {
     "/title": "<html><head><title>  Peer   Test Page </title></head><body></body></html>",
     "/title-empty": "<html><head><title>   </title></head><body></body></html>",
     "/title-missing": "<html><head></head><body><h1>No title</h1></body></html>",
+    # Pages only a browser reads right: scripts and stylesheets decide what a person sees.
+    "/banner-late": (
+        "<html><head><title>Late</title></head><body><p>shop</p><script>"
+        "setTimeout(() => { const b = document.createElement('div');"
+        " b.className = 'cookie-banner'; b.textContent = 'We use cookies';"
+        " document.body.appendChild(b); }, 1000);</script></body></html>"
+    ),
+    "/banner-stylesheet-hidden": (
+        "<html><head><style>.consent .cookie-banner { display: none }</style></head>"
+        '<body class="consent"><div class="cookie-banner">c</div></body></html>'
+    ),
+    "/banner-zero-size": (
+        '<html><body><div class="cookie-banner" '
+        'style="width:0;height:0;overflow:hidden">c</div></body></html>'
+    ),
+    "/banner-transparent": (
+        '<html><body><div style="opacity:0"><div class="cookie-banner">c</div></div></body></html>'
+    ),
+    "/banner-removed": (
+        '<html><body><div class="cookie-banner">c</div><script>'
+        "document.querySelector('.cookie-banner').remove()</script></body></html>"
+    ),
+    "/title-script": (
+        "<html><head><title></title></head><body><script>"
+        "setTimeout(() => { document.title = 'Set  By Script'; }, 300)</script></body></html>"
+    ),
+    "/banner-until-consent": (
+        # The banner shows until the visitor consents; consent is remembered in a cookie.
+        "<html><body><script>"
+        "if (!document.cookie.includes('consent=yes')) {"
+        " const b = document.createElement('div'); b.id = 'cookie-banner';"
+        " b.textContent = 'Accept?'; document.body.appendChild(b);"
+        " document.cookie = 'consent=yes; max-age=3600; path=/';"
+        " localStorage.setItem('consent', 'yes'); }"
+        "</script></body></html>"
+    ),
+    "/never-loads": (
+        # The image never arrives, so the load event never fires.
+        '<html><head><title>Stuck</title></head><body><img src="/slow?s=30"></body></html>'
+    ),
 }
 
 

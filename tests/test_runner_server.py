@@ -1,4 +1,8 @@
-"""The runner server over a real socket: built-in runners, errors, timeouts, capacity."""
+"""The runner server over a real socket: built-in runners, errors, timeouts, capacity.
+
+The built-in runners' tests run against both engines (``engine_url``): what the HTTP
+engine reads in the HTML, the browser engine must see in the rendered page too.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +33,30 @@ async def execute(client: httpx.AsyncClient, base: str, body: Any, **kwargs: Any
     return await client.post(f"{base}/api/runner/execute", json=body, **kwargs)
 
 
+SHORT_WAIT = {"waitMs": 300}
+"""The browser runners wait this long for a late banner or title (the HTTP ones ignore it)."""
+
+
+@pytest.fixture(params=["http", pytest.param("browser", marks=pytest.mark.browser)])
+def engine_url(request: pytest.FixtureRequest, runner_url: str) -> str:
+    """A runner server of each engine, with the same built-in runner names."""
+    if request.param == "http":
+        return runner_url
+    return str(request.getfixturevalue("browser_runner_url"))
+
+
 async def one_result(client: httpx.AsyncClient, base: str, url: str, runner: str) -> dict[str, Any]:
-    response = await execute(client, base, {"url": url, "runners": [runner]})
+    body = {"url": url, "runners": [runner], "input": SHORT_WAIT}
+    response = await execute(client, base, body)
     assert response.status_code == 200, response.text
     (result,) = response.json()["results"]
     assert result["name"] == runner
     assert isinstance(result["durationMs"], int)
+    # The browser engine adds a screenshot's URL to a failure; the rest is the same.
+    shot = (result.get("details") or {}).pop("screenshot", None)
+    assert shot is None or result["status"] != "pass"
+    if result.get("details") == {}:
+        del result["details"]
     return result
 
 
@@ -42,15 +64,15 @@ async def one_result(client: httpx.AsyncClient, base: str, url: str, runner: str
     ("path", "selector"),
     [("/banner-visible", ".cookie-banner"), ("/banner-data-attribute", "[data-cookie-banner]")],
 )
-async def test_visible_cookie_banner_passes(client, runner_url, pages: PageServer, path, selector):
-    result = await one_result(client, runner_url, pages.url(path), "cookieBannerVisibleTest")
+async def test_visible_cookie_banner_passes(client, engine_url, pages: PageServer, path, selector):
+    result = await one_result(client, engine_url, pages.url(path), "cookieBannerVisibleTest")
     assert result["status"] == "pass"
     assert result["details"] == {"visible": True, "selector": selector, "elementCount": 1}
 
 
-async def test_one_banner_matching_every_selector_counts_once(client, runner_url, pages):
+async def test_one_banner_matching_every_selector_counts_once(client, engine_url, pages):
     url = pages.url("/banner-all-selectors")
-    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    result = await one_result(client, engine_url, url, "cookieBannerVisibleTest")
     assert result["status"] == "pass"
     assert result["details"] == {
         "visible": True,
@@ -59,17 +81,17 @@ async def test_one_banner_matching_every_selector_counts_once(client, runner_url
     }
 
 
-async def test_two_distinct_banners_count_two(client, runner_url, pages: PageServer):
+async def test_two_distinct_banners_count_two(client, engine_url, pages: PageServer):
     # The first is hidden: the result names the selector of the visible one.
     url = pages.url("/banner-two-elements")
-    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    result = await one_result(client, engine_url, url, "cookieBannerVisibleTest")
     assert result["status"] == "pass"
     assert result["details"] == {"visible": True, "selector": "#cookie-banner", "elementCount": 2}
 
 
-async def test_missing_cookie_banner_fails(client, runner_url, pages: PageServer):
+async def test_missing_cookie_banner_fails(client, engine_url, pages: PageServer):
     url = pages.url("/banner-missing")
-    result = await one_result(client, runner_url, url, "cookieBannerVisibleTest")
+    result = await one_result(client, engine_url, url, "cookieBannerVisibleTest")
     assert result["status"] == "fail"
     assert result["details"] == {"visible": False, "elementCount": 0}
 
@@ -83,14 +105,14 @@ async def test_missing_cookie_banner_fails(client, runner_url, pages: PageServer
         "/banner-hidden-parent",
     ],
 )
-async def test_hidden_cookie_banner_fails(client, runner_url, pages: PageServer, path):
-    result = await one_result(client, runner_url, pages.url(path), "cookieBannerVisibleTest")
+async def test_hidden_cookie_banner_fails(client, engine_url, pages: PageServer, path):
+    result = await one_result(client, engine_url, pages.url(path), "cookieBannerVisibleTest")
     assert result["status"] == "fail"
     assert result["details"] == {"visible": False, "elementCount": 1}
 
 
-async def test_title_present_passes_with_its_text(client, runner_url, pages: PageServer):
-    result = await one_result(client, runner_url, pages.url("/title"), "exampleTitleVisibleTest")
+async def test_title_present_passes_with_its_text(client, engine_url, pages: PageServer):
+    result = await one_result(client, engine_url, pages.url("/title"), "exampleTitleVisibleTest")
     assert result == {
         "name": "exampleTitleVisibleTest",
         "status": "pass",
@@ -100,27 +122,27 @@ async def test_title_present_passes_with_its_text(client, runner_url, pages: Pag
 
 
 @pytest.mark.parametrize("path", ["/title-empty", "/title-missing"])
-async def test_empty_or_missing_title_fails(client, runner_url, pages: PageServer, path):
-    result = await one_result(client, runner_url, pages.url(path), "exampleTitleVisibleTest")
+async def test_empty_or_missing_title_fails(client, engine_url, pages: PageServer, path):
+    result = await one_result(client, engine_url, pages.url(path), "exampleTitleVisibleTest")
     assert result["status"] == "fail"
     assert result["details"] == {"title": ""}
 
 
-async def test_unreachable_url_is_an_error_result(client, runner_url):
+async def test_unreachable_url_is_an_error_result(client, engine_url):
     url = f"http://127.0.0.1:{free_port()}/"
-    result = await one_result(client, runner_url, url, "exampleTitleVisibleTest")
+    result = await one_result(client, engine_url, url, "exampleTitleVisibleTest")
     assert result["status"] == "error"
     assert result["errorMessage"].startswith(f"could not fetch {url}")
 
 
-async def test_page_answering_5xx_is_an_error_result(client, runner_url, pages: PageServer):
+async def test_page_answering_5xx_is_an_error_result(client, engine_url, pages: PageServer):
     url = pages.url("/status?code=503")
-    result = await one_result(client, runner_url, url, "exampleTitleVisibleTest")
+    result = await one_result(client, engine_url, url, "exampleTitleVisibleTest")
     assert result["status"] == "error"
     assert result["errorMessage"] == f"{url} answered HTTP 503"
 
 
-async def test_runners_run_concurrently_in_request_order(client, runner_url, pages: PageServer):
+async def test_runners_run_concurrently_in_request_order(client, engine_url, pages: PageServer):
     # The barrier page answers only once two requests wait on it at the same time: run one
     # after the other, the first would time out and fail.
     barrier = pages.url(f"/barrier?key={uuid.uuid4()}&n=2")
@@ -132,7 +154,7 @@ async def test_runners_run_concurrently_in_request_order(client, runner_url, pag
         ],
         "runId": "run-42",
     }
-    response = await execute(client, runner_url, body)
+    response = await execute(client, engine_url, body)
     assert response.status_code == 200
     data = response.json()
     assert data["runId"] == "run-42"
@@ -145,13 +167,13 @@ async def test_runners_run_concurrently_in_request_order(client, runner_url, pag
     ]
 
 
-async def test_top_level_url_wins_over_runner_input(client, runner_url, pages: PageServer):
+async def test_top_level_url_wins_over_runner_input(client, engine_url, pages: PageServer):
     body = {
         "url": pages.url("/banner-visible"),
         "input": {"url": pages.url("/banner-missing")},
         "runners": [{"name": "cookieBannerVisibleTest", "input": {"url": "http://127.0.0.1:1/"}}],
     }
-    response = await execute(client, runner_url, body)
+    response = await execute(client, engine_url, body)
     assert response.json()["results"][0]["status"] == "pass"
 
 
@@ -229,11 +251,11 @@ async def test_malformed_json_is_bad_request(client, runner_url, raw):
     assert response.json()["message"].startswith("Malformed request.")
 
 
-async def test_orpc_wrapped_request_gets_a_wrapped_reply(client, runner_url, pages: PageServer):
+async def test_orpc_wrapped_request_gets_a_wrapped_reply(client, engine_url, pages: PageServer):
     # Without Content-Type, too: the oRPC client reads nothing but the reply's `json` member.
     body = {"json": {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}}
     response = await client.post(
-        f"{runner_url}/api/runner/execute", content=json.dumps(body).encode()
+        f"{engine_url}/api/runner/execute", content=json.dumps(body).encode()
     )
     assert response.status_code == 200
     reply = response.json()
@@ -443,12 +465,14 @@ async def test_health_reports_in_flight_live(client, pages: PageServer):
     assert after["inFlight"] == 0
 
 
-async def test_info_lists_runners_with_usage(client, runner_url):
-    response = await client.get(f"{runner_url}/api/runner/info")
+async def test_info_lists_runners_with_usage_and_engine(client, engine_url, request):
+    engine = request.node.callspec.params["engine_url"]
+    response = await client.get(f"{engine_url}/api/runner/info")
     assert response.json() == {
         "runners": ["cookieBannerVisibleTest", "exampleTitleVisibleTest"],
         "count": 2,
         "region": "us-east-1",
+        "engine": engine,
         "usage": {
             "method": "POST",
             "endpoint": "/api/runner/execute",

@@ -5,7 +5,8 @@ Starts, each in its own process group, and in this order:
 1. a Prefect server on SQLite under the project's ``.state/prefect`` (unless
    ``PREFECT_API_URL`` names one that answers), configured to hold up on SQLite;
 2. two runner servers, ``us-east-1`` on ``--runner-port`` and ``eu-west-1`` on the next port,
-   used as the registry when none is configured;
+   used as the registry when none is configured; with the browser engine when a Chromium is
+   found (see :meth:`DevStack.runner_engine`), else the HTTP engine;
 3. ``serve-flows --reload``: the discovered workflows, served with fast pickup;
 4. the HTTP API on ``--port``, once every workflow's deployment exists.
 
@@ -186,6 +187,8 @@ class DevStack:
     """The discovered workflows, whose deployments the API waits for before it answers."""
     state_dir: Path | None = None
     """Where the embedded Prefect server keeps its SQLite database; ``.state`` by default."""
+    runner_engine: str = "auto"
+    """The runner servers' engine: ``browser``, ``http``, or ``auto`` (browser if possible)."""
     out: Callable[[str], None] = print
     children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -256,7 +259,37 @@ class DevStack:
         env.update(EMBEDDED_PREFECT_ENV)
         return f"http://127.0.0.1:{self.prefect_port}/api", True
 
-    def _registry(self) -> str | None:
+    def runner_engine_and_chromium(self) -> tuple[str, str | None]:
+        """The engine of the runner servers, and the Chromium the browser engine launches.
+
+        ``auto`` picks the browser engine when Playwright is installed and a Chromium is
+        found (``ORCHESTRATOR_CHROMIUM``, ``chromium`` on the PATH, or Playwright's own),
+        and says in one line how to get it otherwise.
+
+        Raises:
+            StackError: ``browser`` was asked for and cannot run.
+        """
+        from runners_orchestrator.exceptions import ConfigurationError  # noqa: PLC0415
+
+        if self.runner_engine == "http":
+            return "http", None
+        try:
+            from runners_orchestrator.runner_server.engines.browser import (  # noqa: PLC0415
+                find_chromium,
+            )
+        except ImportError:
+            why = "Playwright is not installed: pip install 'runners-orchestrator[browser]'"
+        else:
+            try:
+                return "browser", find_chromium(self.settings.chromium)
+            except ConfigurationError as exc:
+                why = str(exc)
+        if self.runner_engine == "browser":
+            raise StackError(why)
+        self.out(f"runner servers use the HTTP engine (scripts are not run); {why}")
+        return "http", None
+
+    def _registry(self, engine: str) -> str | None:
         if self.settings.registry.servers or os.environ.get("ORCHESTRATOR_REGISTRY"):
             return None
         servers = [
@@ -264,7 +297,7 @@ class DevStack:
                 "id": region,
                 "url": f"http://127.0.0.1:{self.runner_port + offset}/api/runner",
                 "region": region,
-                "capacity": 32,
+                "capacity": 4 if engine == "browser" else 32,
             }
             for offset, region in enumerate(("us-east-1", "eu-west-1"))
         ]
@@ -275,7 +308,11 @@ class DevStack:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         prefect_api, own_prefect = self._prefect_url(env)
         env["PREFECT_API_URL"] = prefect_api
-        registry = self._registry()
+        own_runners = not (
+            self.settings.registry.servers or os.environ.get("ORCHESTRATOR_REGISTRY")
+        )
+        engine, chromium = self.runner_engine_and_chromium() if own_runners else ("http", None)
+        registry = self._registry(engine)
         if registry is not None:
             env["ORCHESTRATOR_REGISTRY"] = registry
         level = self.log_level
@@ -290,7 +327,8 @@ class DevStack:
         for offset, region in enumerate(regions):
             port = str(self.runner_port + offset)
             args = ("runner-server", "--port", port, "--region", region, "--log-level", level)
-            self._start(f"runner-{region}", self._cli(*args), env)
+            engine_args = ("--engine", engine, *(("--chromium", chromium) if chromium else ()))
+            self._start(f"runner-{region}", self._cli(*args, *engine_args), env)
         timeout = 120
         # The flows and the API need Prefect: start them once it answers.
         _wait_until(
@@ -323,6 +361,12 @@ class DevStack:
         }
         for offset, region in enumerate(regions):
             urls[f"runner {region}"] = f"http://127.0.0.1:{self.runner_port + offset}/api/runner"
+        if regions:
+            urls["runner engine"] = (
+                f"browser (headless Chromium: {chromium})"
+                if engine == "browser"
+                else "http (HTML only, scripts not run)"
+            )
         return urls
 
     def run(self) -> int:

@@ -302,6 +302,8 @@ class RunnerInfo(WireModel):
     runners: list[str]
     count: int
     region: str | None = None
+    engine: Literal["http", "browser"] | None = None
+    """How this server evaluates its runners; absent from TypeScript servers."""
     usage: RunnerUsage | None = None
 
 

@@ -199,6 +199,11 @@ class OrchestratorSettings(BaseSettings):
     retry_backoff_max: float = Field(
         default=5.0, ge=0, description="Longest retry delay in seconds."
     )
+    chromium: str | None = Field(
+        default=None,
+        description="Chromium the browser-engine runner server launches (a path or a command); "
+        "unset: chromium on the PATH, else one installed by `playwright install chromium`.",
+    )
     work_pool: str = Field(
         default="default",
         min_length=1,

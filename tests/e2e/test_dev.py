@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,6 +161,8 @@ def test_ready_banner_and_every_url_answers(dev):
     api = dev["api"]
     banner = dev["banner"]
     assert f"http://[::]:{ports['api']}/api/orchestrator" in banner  # IPv6 host in brackets
+    if shutil.which("chromium"):  # CI installs it: dev then runs the browser engine
+        assert "browser (headless Chromium: " in banner
     assert httpx.get(f"{api}{PREFIX}").json()["orchestrators"] == [
         "execute_single_runner",
         "orchestrate_runners",

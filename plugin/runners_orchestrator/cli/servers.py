@@ -45,12 +45,16 @@ def _uvicorn(app: Any, args: argparse.Namespace) -> None:
 def _runner_server(args: argparse.Namespace) -> int:
     from runners_orchestrator.runner_server import (  # noqa: PLC0415
         RunnerServerConfig,
+        RunnerServerPlugin,
         create_runner_app,
     )
 
+    chromium = args.chromium or get_settings().chromium
     try:
         config = RunnerServerConfig(
             region=args.region,
+            engine=args.engine,
+            chromium=chromium,
             capacity=args.capacity,
             runner_timeout=args.runner_timeout,
             deny=args.deny,
@@ -58,16 +62,35 @@ def _runner_server(args: argparse.Namespace) -> int:
         )
     except ConfigurationError as exc:
         raise CommandError(str(exc), usage=True) from None
+    if args.engine == "browser":
+        # Refuse to start, in one line, before the port is taken: not at the first check.
+        try:
+            from runners_orchestrator.runner_server.engines.browser import (  # noqa: PLC0415
+                find_chromium,
+            )
+        except ImportError:
+            from runners_orchestrator.runner_server.engines import (  # noqa: PLC0415
+                BROWSER_EXTRA_MISSING,
+            )
+
+            raise CommandError(BROWSER_EXTRA_MISSING) from None
+        try:
+            chromium = find_chromium(chromium)
+        except ConfigurationError as exc:
+            raise CommandError(str(exc)) from None
     ensure_port_free(args.host, args.port, "--port")
     configure_logging(args.log_level)
+    app = create_runner_app(config)
     logging.getLogger(__name__).info(
-        "runner server (region %s, capacity %d) on http://%s:%d/api/runner",
+        "runner server (region %s, %s engine%s, capacity %d) on http://%s:%d/api/runner",
         args.region or "-",
-        args.capacity,
+        args.engine,
+        f", Chromium {chromium}" if args.engine == "browser" else "",
+        app.plugins.get(RunnerServerPlugin).capacity,
         args.host,
         args.port,
     )
-    _uvicorn(create_runner_app(config), args)
+    _uvicorn(app, args)
     return 0
 
 
@@ -161,6 +184,7 @@ def _dev(args: argparse.Namespace) -> int:
         runner_port=args.runner_port,
         log_level=args.log_level,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        runner_engine=args.runner_engine,
     )
     try:
         return stack.run()
@@ -181,10 +205,24 @@ def add_commands(commands: Any) -> None:
     runner.add_argument("--port", type=port, default=3001, help="port (default: %(default)s)")
     runner.add_argument("--region", default="local", help="region reported (default: %(default)s)")
     runner.add_argument(
+        "--engine",
+        choices=("http", "browser"),
+        default="http",
+        help="how runners are evaluated: fetch and parse the HTML (http) or load the page "
+        "in headless Chromium (browser) (default: %(default)s)",
+    )
+    runner.add_argument(
+        "--chromium",
+        default=None,
+        metavar="PATH",
+        help="the browser engine's Chromium (default: ORCHESTRATOR_CHROMIUM, else chromium "
+        "on the PATH, else one installed by `playwright install chromium`)",
+    )
+    runner.add_argument(
         "--capacity",
         type=positive_int,
-        default=32,
-        help="execute requests served at once; more get 429 (default: %(default)s)",
+        default=None,
+        help="execute requests served at once; more get 429 (default: 32 for http, 4 for browser)",
     )
     runner.add_argument(
         "--runner-timeout",
@@ -232,6 +270,13 @@ def add_commands(commands: Any) -> None:
         default=None,
         help="where the embedded Prefect server keeps its database (default: .state/ "
         "in the project root)",
+    )
+    dev.add_argument(
+        "--runner-engine",
+        choices=("auto", "browser", "http"),
+        default="auto",
+        help="the runner servers' engine; auto: browser when a Chromium is found, else http "
+        "(default: %(default)s)",
     )
     add_log_level(dev)
     dev.set_defaults(handler=_dev)

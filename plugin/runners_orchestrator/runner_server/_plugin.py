@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath  # noqa: TC002 - Litestar reads it at run time
 from litestar.plugins import InitPlugin
 from pydantic import ValidationError
 
@@ -38,23 +39,25 @@ from runners_orchestrator.models import (
     RunnerUsage,
     RunnerUsageExample,
 )
-from runners_orchestrator.runner_server._builtins import register_builtins
 from runners_orchestrator.runner_server._fetch import create_fetch_client
 from runners_orchestrator.runner_server._registry import (
     RunnerContext,
     RunnerRegistry,
     validation_issues,
 )
+from runners_orchestrator.runner_server._screenshots import ScreenshotStore
+from runners_orchestrator.runner_server.engines import ENGINES, create_engine
 from runners_orchestrator.target_policy import TargetPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     import httpx
     from litestar.config.app import AppConfig
 
     from runners_orchestrator.models import RunnerSpec
-    from runners_orchestrator.runner_server._registry import Runner
+    from runners_orchestrator.runner_server._registry import AnyRunner, EngineName
+    from runners_orchestrator.runner_server.engines import Engine
 
 __all__ = ["RunnerServerConfig", "RunnerServerPlugin", "create_runner_app", "default_registry"]
 
@@ -66,12 +69,17 @@ MALFORMED_MESSAGE = (
 )
 
 
-def default_registry() -> RunnerRegistry:
-    """Return a registry with the built-in runners and every installed entry point."""
+def default_registry(engine: EngineName = "http") -> RunnerRegistry:
+    """Return the built-in runners of ``engine`` and every installed entry point it can run.
+
+    Both engines have a ``cookieBannerVisibleTest`` and an ``exampleTitleVisibleTest``: the
+    HTTP engine's read the HTML, the browser engine's the rendered page. Browser runners from
+    entry points are left out of an ``http`` registry.
+    """
     registry = RunnerRegistry()
-    register_builtins(registry)
+    create_engine(engine).register_builtins(registry)
     registry.load_entry_points()
-    return registry
+    return registry.select(engine)
 
 
 @dataclass
@@ -80,8 +88,15 @@ class RunnerServerConfig:
 
     region: str | None = None
     """Region this server reports in every answer (``us-east-1``, ...)."""
-    capacity: int = 32
-    """Execute requests served at once; more are answered 429 with ``Retry-After``."""
+    engine: EngineName = "http"
+    """How runners are evaluated: ``http`` (fetch and parse) or ``browser`` (Chromium)."""
+    chromium: str | None = None
+    """The browser engine's Chromium executable; looked for on the PATH and among
+    Playwright's browsers when unset (``ORCHESTRATOR_CHROMIUM`` for the command line)."""
+    capacity: int | None = None
+    """Execute requests served at once; more are answered 429 with ``Retry-After``.
+    Unset: the engine's default (32 for ``http``, see ``docs/runner-server.md`` for
+    ``browser``)."""
     runner_timeout: float = 30.0
     """Seconds a runner may take before its result becomes an ``error``."""
     deny: Sequence[str] = ()
@@ -89,7 +104,7 @@ class RunnerServerConfig:
     allow: Sequence[str] = ()
     """Address ranges allowed even inside a denied range."""
     registry: RunnerRegistry | None = None
-    """The runners offered; the built-ins plus entry points when unset."""
+    """The runners offered; the engine's built-ins plus entry points when unset."""
     path: str = "/api/runner"
     """Where the routes are mounted."""
     max_body_size: int = 1_000_000
@@ -98,10 +113,16 @@ class RunnerServerConfig:
     """Largest page body a runner reads."""
     retry_after: int = 1
     """Seconds a client is told to wait when the server is at capacity."""
+    screenshots: int = 200
+    """Screenshots of failed browser checks kept in memory and served (the most recent)."""
     policy: TargetPolicy = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.capacity < 1:
+        if self.engine not in ENGINES:
+            raise ConfigurationError(
+                f"unknown engine {self.engine!r}: expected one of {', '.join(ENGINES)}"
+            )
+        if self.capacity is not None and self.capacity < 1:
             raise ConfigurationError(f"capacity must be at least 1, got {self.capacity}")
         if self.runner_timeout <= 0:
             raise ConfigurationError(
@@ -141,8 +162,22 @@ class _RunnerServer:
 
     def __init__(self, config: RunnerServerConfig) -> None:
         self.config = config
-        self.registry = config.registry if config.registry is not None else default_registry()
+        self.engine: Engine = create_engine(
+            config.engine, chromium=config.chromium, policy=config.policy
+        )
+        self.capacity: int = config.capacity or self.engine.default_capacity
+        if config.registry is None:
+            self.registry = default_registry(config.engine)
+        else:
+            self.registry = config.registry
+            browser_only = [r.name for r in self.registry if r.engine != "http"]
+            if config.engine == "http" and browser_only:
+                raise ConfigurationError(
+                    f"runners {', '.join(browser_only)} need a browser: "
+                    "serve them with the browser engine (--engine browser)"
+                )
         self.in_flight = 0
+        self.screenshots = ScreenshotStore(config.screenshots)
         self._client: httpx.AsyncClient | None = None
 
     @asynccontextmanager
@@ -150,10 +185,11 @@ class _RunnerServer:
         self._client = create_fetch_client(
             self.config.policy,
             timeout=self.config.runner_timeout,
-            max_connections=max(self.config.capacity * 4, 20),
+            max_connections=max(self.capacity * 4, 20),
         )
         try:
-            yield
+            async with self.engine.lifespan():
+                yield
         finally:
             await self._client.aclose()
             self._client = None
@@ -171,17 +207,18 @@ class _RunnerServer:
             runners=names,
             count=len(names),
             region=self.config.region,
+            engine=self.engine.name,
             usage=RunnerUsage(endpoint=f"{self.config.path}/execute", example=example),
         )
 
     def health(self) -> HealthResponse:
         return HealthResponse(
-            region=self.config.region, in_flight=self.in_flight, capacity=self.config.capacity
+            region=self.config.region, in_flight=self.in_flight, capacity=self.capacity
         )
 
     async def execute(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         # Check and take a slot before the first await, so no burst can slip past capacity.
-        if self.in_flight >= self.config.capacity:
+        if self.in_flight >= self.capacity:
             return await self._over_capacity(request)
         self.in_flight += 1
         try:
@@ -195,7 +232,7 @@ class _RunnerServer:
         The body is read only to learn that form: it takes no slot and runs nothing, and its
         bytes are on their way anyway. A body that cannot be read or parsed gets the plain form.
         """
-        data = {"inFlight": self.in_flight, "capacity": self.config.capacity}
+        data = {"inFlight": self.in_flight, "capacity": self.capacity}
         try:
             read = await _read_json(request)
         except HTTPException:  # over the size limit, or the client went away
@@ -203,7 +240,7 @@ class _RunnerServer:
         response = _error(
             429,
             "TOO_MANY_REQUESTS",
-            f"Runner server is at capacity ({self.config.capacity} requests in flight); "
+            f"Runner server is at capacity ({self.capacity} requests in flight); "
             f"retry after {self.config.retry_after}s",
             data,
             wrapped=read is not None and read[1],
@@ -231,7 +268,7 @@ class _RunnerServer:
             message = "One or more runners not found"
             return _error(404, "RUNNER_NOT_FOUND", message, data, wrapped=wrapped)
 
-        planned: list[tuple[Runner, RunnerSpec, dict[str, Any]]] = []
+        planned: list[tuple[AnyRunner, RunnerSpec, dict[str, Any]]] = []
         for spec in specs:
             runner = self.registry.get(spec.name)
             try:
@@ -242,11 +279,24 @@ class _RunnerServer:
                 return _error(400, "INPUT_VALIDATION_FAILED", message, invalid, wrapped=wrapped)
             planned.append((runner, spec, checked))
 
-        results = await asyncio.gather(*(self._run(r, s, i) for r, s, i in planned))
+        shots = f"{str(request.base_url).rstrip('/')}{self.config.path}/screenshots/"
+
+        def keep_screenshot(data: bytes) -> str:
+            return f"{shots}{self.screenshots.add(data)}.jpg"
+
+        results = await asyncio.gather(
+            *(self._run(r, s, i, keep_screenshot) for r, s, i in planned)
+        )
         response = ExecuteResponse(region=self.config.region, run_id=body.run_id, results=results)
         return _answer(response.to_wire(), 200, wrapped=wrapped)
 
-    async def _run(self, runner: Runner, spec: RunnerSpec, data: dict[str, Any]) -> RunnerResult:
+    async def _run(
+        self,
+        runner: AnyRunner,
+        spec: RunnerSpec,
+        data: dict[str, Any],
+        keep_screenshot: Callable[[bytes], str] | None = None,
+    ) -> RunnerResult:
         """Run one runner to a result; every failure becomes an ``error`` result."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -259,10 +309,11 @@ class _RunnerServer:
             client=self.client,
             deadline=started + timeout,
             max_page_bytes=self.config.max_page_bytes,
+            keep_screenshot=keep_screenshot,
         )
         try:
             async with asyncio.timeout_at(ctx.deadline):
-                result = await runner.fn(ctx)
+                result = await self.engine.run(runner, ctx)
             if not isinstance(result, RunnerResult):
                 message = f"runner returned {type(result).__name__}, expected a RunnerResult"
                 result = RunnerResult(name=spec.name, status="error", error_message=message)
@@ -306,9 +357,22 @@ def _build_router(server: _RunnerServer) -> Router:
     async def health() -> dict[str, Any]:
         return server.health().to_wire()
 
+    @get(
+        "/screenshots/{name:str}",
+        summary="A failed browser check's screenshot",
+        description="The JPEG that a failed or errored browser check's `details.screenshot` "
+        "names; the server keeps the most recent ones in memory.",
+    )
+    async def screenshot(name: FromPath[str]) -> Response[Any]:
+        data = server.screenshots.get(name.removesuffix(".jpg"))
+        if data is None:
+            message = f"no screenshot {name}: it was never taken or is no longer kept"
+            return _error(404, "NOT_FOUND", message, defined=False)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
     return Router(
         path=server.config.path,
-        route_handlers=[execute, info, health],
+        route_handlers=[execute, info, health, screenshot],
         exception_handlers={HTTPException: _http_exception},
         tags=["Runner"],
     )
@@ -331,6 +395,16 @@ class RunnerServerPlugin(InitPlugin):
     def in_flight(self) -> int:
         """Execute requests being served right now."""
         return self._server.in_flight
+
+    @property
+    def capacity(self) -> int:
+        """Execute requests served at once: the configured capacity or the engine's default."""
+        return self._server.capacity
+
+    @property
+    def engine(self) -> Engine:
+        """The engine evaluating the runners (``engine.name`` is ``http`` or ``browser``)."""
+        return self._server.engine
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Add the routes and the client's lifespan."""

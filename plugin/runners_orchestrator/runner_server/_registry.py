@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from runners_orchestrator.exceptions import ConfigurationError, RunnerNotFoundError
 from runners_orchestrator.models import RunnerResult
@@ -15,15 +15,23 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import httpx
+    from playwright.async_api import Page
     from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AnyRunner",
+    "BrowserRunner",
+    "BrowserRunnerFunction",
+    "EngineName",
     "Runner",
     "RunnerContext",
     "RunnerFunction",
     "RunnerRegistry",
 ]
+
+EngineName: TypeAlias = Literal["http", "browser"]
+"""How a runner server evaluates its runners: fetch and parse (``http``) or a real browser."""
 
 ENTRY_POINT_GROUP = "runners_orchestrator.runners"
 """Entry-point group through which installed packages contribute runners."""
@@ -50,6 +58,9 @@ class RunnerContext:
     """Loop time (``asyncio.get_running_loop().time()``) by which the runner must end."""
     max_page_bytes: int = 5_000_000
     """Largest page body a runner should read, so a huge page cannot exhaust memory."""
+    keep_screenshot: Callable[[bytes], str] | None = None
+    """Stores a JPEG and returns the URL it is served at (set by the server; the browser
+    engine uses it for failed checks)."""
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -58,6 +69,20 @@ class RunnerContext:
 
 RunnerFunction: TypeAlias = Callable[[RunnerContext], Awaitable[RunnerResult]]
 """The signature of a runner: ``async def check(ctx: RunnerContext) -> RunnerResult``."""
+
+BrowserRunnerFunction: TypeAlias = Callable[["Page", RunnerContext], Awaitable[RunnerResult]]
+"""A browser runner: ``async def check(page: Page, ctx: RunnerContext) -> RunnerResult``.
+
+``page`` is a Playwright page in a browser context of its own, already loaded at
+``ctx.url`` (its ``load`` event fired) when the input has a URL.
+"""
+
+
+def _validate(input_model: type[BaseModel] | None, data: dict[str, Any]) -> dict[str, Any]:
+    if input_model is None:
+        return data
+    model = input_model.model_validate(data)
+    return {**data, **model.model_dump()}
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,8 @@ class Runner:
     fn: RunnerFunction
     input_model: type[BaseModel] | None = None
     description: str = ""
+    engine: ClassVar[EngineName] = "http"
+    """Needs nothing but the server's HTTP client: every engine runs it."""
 
     def validate_input(self, data: dict[str, Any]) -> dict[str, Any]:
         """Return the input as the runner will see it.
@@ -75,10 +102,29 @@ class Runner:
         Raises:
             pydantic.ValidationError: the input does not satisfy ``input_model``.
         """
-        if self.input_model is None:
-            return data
-        model = self.input_model.model_validate(data)
-        return {**data, **model.model_dump()}
+        return _validate(self.input_model, data)
+
+
+@dataclass(frozen=True)
+class BrowserRunner:
+    """A named check evaluated in a real page: only a browser-engine server runs it."""
+
+    name: str
+    fn: BrowserRunnerFunction
+    input_model: type[BaseModel] | None = None
+    description: str = ""
+    engine: ClassVar[EngineName] = "browser"
+
+    def validate_input(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Return the input as the runner will see it.
+
+        Raises:
+            pydantic.ValidationError: the input does not satisfy ``input_model``.
+        """
+        return _validate(self.input_model, data)
+
+
+AnyRunner: TypeAlias = Runner | BrowserRunner
 
 
 @dataclass
@@ -90,9 +136,9 @@ class RunnerRegistry:
     a :class:`Runner` or a registry-taking function; see ``docs/runner-server.md``).
     """
 
-    _runners: dict[str, Runner] = field(default_factory=dict)
+    _runners: dict[str, AnyRunner] = field(default_factory=dict)
 
-    def add(self, runner: Runner) -> Runner:
+    def add(self, runner: AnyRunner) -> AnyRunner:
         """Register ``runner``.
 
         Raises:
@@ -133,6 +179,42 @@ class RunnerRegistry:
 
         return decorator
 
+    def register_browser(
+        self,
+        name: str | None = None,
+        *,
+        input_model: type[BaseModel] | None = None,
+    ) -> Callable[[BrowserRunnerFunction], BrowserRunnerFunction]:
+        """Register the decorated ``async def check(page, ctx)`` as a browser runner.
+
+        It receives a Playwright page, already loaded at the job's URL in a browser
+        context of its own, and the :class:`RunnerContext` (``ctx.input`` is the job's
+        input). Only a server started with the browser engine offers it.
+        """
+
+        def decorator(fn: BrowserRunnerFunction) -> BrowserRunnerFunction:
+            if not asyncio.iscoroutinefunction(fn):
+                raise ConfigurationError(
+                    f"browser runner {fn.__qualname__} must be an async function (async def)"
+                )
+            self.add(
+                BrowserRunner(
+                    name=name or fn.__name__,
+                    fn=fn,
+                    input_model=input_model,
+                    description=(fn.__doc__ or "").strip().split("\n", 1)[0],
+                )
+            )
+            return fn
+
+        return decorator
+
+    def select(self, engine: EngineName) -> RunnerRegistry:
+        """The runners an ``engine`` server can run: all for ``browser``, HTTP ones for ``http``."""
+        if engine == "browser":
+            return RunnerRegistry(dict(self._runners))
+        return RunnerRegistry({n: r for n, r in self._runners.items() if r.engine == "http"})
+
     def load_entry_points(self) -> None:
         """Add the runners that installed packages declare as entry points.
 
@@ -146,17 +228,17 @@ class RunnerRegistry:
                 raise ConfigurationError(
                     f"runner entry point {entry.name!r} ({entry.value}) failed to load: {exc}"
                 ) from exc
-            if isinstance(obj, Runner):
+            if isinstance(obj, Runner | BrowserRunner):
                 self.add(obj)
             elif callable(obj):
                 obj(self)
             else:
                 raise ConfigurationError(
-                    f"runner entry point {entry.name!r} ({entry.value}) is neither a Runner "
-                    "nor a function taking a RunnerRegistry"
+                    f"runner entry point {entry.name!r} ({entry.value}) is not a Runner, "
+                    "a BrowserRunner or a function taking a RunnerRegistry"
                 )
 
-    def get(self, name: str) -> Runner:
+    def get(self, name: str) -> AnyRunner:
         """Return the runner called ``name``.
 
         Raises:
@@ -176,7 +258,7 @@ class RunnerRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._runners
 
-    def __iter__(self) -> Iterator[Runner]:
+    def __iter__(self) -> Iterator[AnyRunner]:
         return iter(self._runners.values())
 
     def __len__(self) -> int:

@@ -27,7 +27,9 @@ import prefect.flow_engine
 import prefect.runner._starter_direct
 from prefect.runner import Runner
 
+from runners_orchestrator.crash_detection import enable_heartbeats, ensure_crash_detection
 from runners_orchestrator.deployments import GENERATED_TAG
+from runners_orchestrator.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -96,8 +98,19 @@ async def serve_flows(
     With ``forkserver`` (the default), each run's process is forked from a warm fork
     server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
     """
+    enable_heartbeats()  # before the fork server starts: every run's process inherits it
     if forkserver:
         use_forkserver()
+    try:
+        await ensure_crash_detection()
+    except ConfigurationError:
+        raise
+    except Exception:  # an old or locked-down Prefect server: serve anyway, say what is lost
+        logger.warning(
+            "could not create the crash-detection automation: a run whose process dies "
+            "stays RUNNING until someone marks it",
+            exc_info=True,
+        )
     runner = Runner(
         name=f"runners-orchestrator-{os.getpid()}",
         query_seconds=query_seconds,

@@ -8,6 +8,6 @@ from pathlib import Path
 
 from runners_orchestrator.discovery import load_workflow_flow
 
-PARAMETERS_SCHEMA_SHA256 = "99a2d72dd7ea29bd"
+PARAMETERS_SCHEMA_SHA256 = "d3073d1f6de65abe"
 
 execute_single_runner = load_workflow_flow("flows/orchestrate_runners.py:execute_single_runner", Path(__file__).resolve().parents[1])

@@ -8,6 +8,6 @@ from pathlib import Path
 
 from runners_orchestrator.discovery import load_workflow_flow
 
-PARAMETERS_SCHEMA_SHA256 = "bcbf536b993cf43b"
+PARAMETERS_SCHEMA_SHA256 = "419f3150a6a6920b"
 
 orchestrate_runners = load_workflow_flow("flows/orchestrate_runners.py:orchestrate_runners", Path(__file__).resolve().parents[1])

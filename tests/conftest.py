@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import httpx
@@ -55,6 +56,21 @@ def prefect_server() -> Iterator[None]:
             patch.setenv(key, value)
         with prefect_test_harness(server_startup_timeout=60):
             yield
+
+
+@pytest.fixture
+def project_helpers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Let a temporary project's own `helpers` package be imported here, and forget it after.
+
+    Discovery puts the project root on sys.path and imports its modules: both are undone.
+    The tests' own `helpers` module (tests/helpers.py) is hidden meanwhile: a process has
+    one module of a name, and here it must be the project's.
+    """
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "helpers")
+    yield
+    for name in [n for n in sys.modules if n == "helpers" or n.startswith("helpers.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -127,3 +128,70 @@ def test_repository_deployments_are_current():
     root = Path(__file__).parents[1]
     result = run(root, "deploy", "--check")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def helper_project(tmp_path: Path) -> Path:
+    files = {
+        "pyproject.toml": '[project]\nname = "shop"\n',
+        "helpers/__init__.py": "",
+        "helpers/shared.py": "def normalise(name: str) -> str:\n    return name.strip().lower()\n",
+        "flows/checks.py": textwrap.dedent('''
+            from helpers.shared import normalise
+
+            async def check(name: str) -> str:
+                """Check a normalised name."""
+                return normalise(name)
+            '''),
+        "docs/README.md": "a folder to run commands from\n",
+    }
+    for relative, content in files.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(content)
+    return tmp_path
+
+
+LOAD_WITH_PREFECT = """
+import asyncio, sys
+from prefect.flows import load_flow_from_entrypoint
+flow = load_flow_from_entrypoint(sys.argv[1], use_placeholder_flow=False)
+print(type(flow).__name__, flow.name, asyncio.run(flow.fn.__wrapped__(" Shop ")))
+"""
+
+
+def test_deployed_workflow_importing_a_helper_loads_with_prefects_entrypoint_loader(helper_project):
+    deployed = run(helper_project / "docs", "deploy")  # from a subfolder
+    assert deployed.returncode == 0, deployed.stderr
+    assert deployed.stderr == ""
+    module = helper_project / "deployments" / "check.py"
+    assert module.exists()
+    # As `prefect deploy` and a worker load it: from the root with the relative entrypoint,
+    # and from elsewhere with an absolute one (then only our code puts the root on sys.path).
+    for cwd, entrypoint in [
+        (helper_project, "deployments/check.py:check"),
+        (helper_project / "docs", f"{module}:check"),
+    ]:
+        loaded = subprocess.run(
+            [sys.executable, "-c", LOAD_WITH_PREFECT, entrypoint],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.strip() == "Flow check shop"
+
+
+def test_workflow_named_like_an_imported_project_package_is_refused(helper_project):
+    (helper_project / "flows" / "odd.py").write_text(
+        "from helpers.shared import normalise\n\nasync def helpers() -> None: ...\n"
+    )
+    result = run(helper_project, "deploy")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "runners-orchestrator: error: workflow 'helpers' (flows/odd.py:helpers) would be "
+        "deployed as deployments/helpers.py, which a Prefect worker imports as the module "
+        "'helpers', hiding the project's helpers that the workflow files import; rename the "
+        "function or the module"
+    )

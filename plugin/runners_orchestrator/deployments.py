@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
@@ -131,13 +132,40 @@ class DeploymentPlan:
         return problems
 
 
+def _refuse_shadowing(discovery: Discovery, workflows: list[Workflow]) -> None:
+    """A generated module must not hide a project package the workflow files import.
+
+    A Prefect worker imports ``deployments/helpers.py`` as the module ``helpers`` (its file
+    name, when no module of that name is loaded yet), with ``deployments/`` first on
+    ``sys.path``; a workflow file importing the project's ``helpers.shared`` would then fail.
+    """
+    imported = {
+        p.relative_to(discovery.root).parts[0]: p for p in discovery.project_imports if p.exists()
+    }
+    for workflow in workflows:
+        clash = imported.get(workflow.name) or imported.get(f"{workflow.name}.py")
+        if clash is not None:
+            top = clash.relative_to(discovery.root).parts[0]
+            raise ConfigurationError(
+                f"workflow {workflow.name!r} ({workflow.entrypoint}) would be deployed as "
+                f"{DEPLOYMENTS_DIR}/{workflow.name}.py, which a Prefect worker imports as the "
+                f"module {workflow.name!r}, hiding the project's {top} that the workflow files "
+                "import; rename the function or the module"
+            )
+
+
 def plan_deployments(discovery: Discovery) -> DeploymentPlan:
-    """Compute the generated files for ``discovery``'s workflows without writing anything."""
+    """Compute the generated files for ``discovery``'s workflows without writing anything.
+
+    Raises:
+        ConfigurationError: a workflow's generated module would hide a project module.
+    """
     settings = get_settings()
     root = discovery.root
     plan = DeploymentPlan(root=root)
     folder = root / DEPLOYMENTS_DIR
     workflows = [discovery.workflows[name] for name in discovery.names()]
+    _refuse_shadowing(discovery, workflows)
     for workflow in workflows:
         plan.modules[folder / f"{workflow.name}.py"] = render_module(workflow)
     if folder.is_dir():

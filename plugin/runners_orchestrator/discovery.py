@@ -9,9 +9,16 @@ decorated with Prefect's ``@flow`` is taken as it is. No decorator is needed.
 Why these rules: a workflow file is ordinary Python that a user also imports helpers into;
 only what the file itself defines, and means to expose, becomes an endpoint.
 
-Files are imported once and cached by modification time and size, so discovering an
-unchanged project again costs one ``stat`` per file. The Prefect flow and the parameter
-schema of a workflow are built on first use, not at discovery.
+Files run with the project root on ``sys.path``, as Prefect runs an entrypoint, so a
+workflow file may import the project's own modules (``from helpers.shared import
+normalise``); see ``_imports``.
+
+Files are imported once and cached by modification time and size, together with those of
+the project modules they import, so discovering an unchanged project again costs one
+``stat`` per file (and one per project module they import). A changed project module
+re-imports the workflow files that depend on it, with the module executed afresh. The
+Prefect flow and the parameter schema of a workflow are built on first use, not at
+discovery.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle  # type: ignore[import-untyped]
 from prefect import Flow
 
+from runners_orchestrator._imports import Loaded, Scan, Stamp
 from runners_orchestrator.exceptions import (
     ConfigurationError,
     DuplicateWorkflowError,
@@ -53,7 +62,7 @@ __all__ = [
     "to_snake",
 ]
 
-RESERVED_NAMES = frozenset({"runs", "health", "schema", "docs", "openapi"})
+RESERVED_NAMES = frozenset({"runs", "health", "ready", "schema", "docs", "openapi"})
 """Names the HTTP API uses for its own routes under the prefix."""
 
 MODULE_PREFIX = "runners_orchestrator_workflows"
@@ -122,9 +131,13 @@ class BrokenFile:
 
     path: Path
     error: str
-    """The exception, one line: ``SyntaxError: invalid syntax (x.py, line 3)``."""
+    """The exception, one line: ``SyntaxError: invalid syntax (x.py, line 3)``; when a project
+    module it imports failed, that module first: ``helpers/shared.py (module helpers.shared)
+    failed to import: ZeroDivisionError: division by zero``."""
     details: str = ""
     """The traceback, for logs."""
+    helper: Path | None = None
+    """The project module that failed to import, when the error is in it, not in this file."""
 
 
 @dataclass
@@ -134,10 +147,31 @@ class Discovery:
     root: Path
     workflows: dict[str, Workflow] = field(default_factory=dict)
     broken: list[BrokenFile] = field(default_factory=list)
+    project_imports: set[Path] = field(default_factory=set)
+    """The project's own files that the workflow files import (and, for a failed import, where
+    the missing module would be): what ``serve-flows --reload`` watches besides the flows."""
 
     def names(self) -> list[str]:
         """Workflow names, sorted."""
         return sorted(self.workflows)
+
+    def problems(self) -> list[str]:
+        """The broken files, one line each, paths relative to the root.
+
+        A project module that fails to import is one line naming it and every workflow file
+        it breaks, rather than one line per workflow file.
+        """
+        lines: list[str] = []
+        by_helper: dict[Path, list[BrokenFile]] = {}
+        for broken in self.broken:
+            if broken.helper is None:
+                lines.append(f"skipped {broken.path.relative_to(self.root)}: {broken.error}")
+            else:
+                by_helper.setdefault(broken.helper, []).append(broken)
+        for files in by_helper.values():
+            skipped = ", ".join(str(b.path.relative_to(self.root)) for b in files)
+            lines.append(f"{files[0].error}; skipped the workflow files importing it: {skipped}")
+        return lines
 
     def get(self, name: str) -> Workflow:
         """The workflow called ``name`` (snake_case or camelCase).
@@ -158,13 +192,17 @@ class Discovery:
 
 @dataclass(frozen=True)
 class _CachedFile:
-    stamp: tuple[int, int]
+    stamp: Stamp | None
     module: ModuleType | None
     functions: tuple[tuple[str, Any], ...]
     broken: BrokenFile | None
+    deps: tuple[tuple[Path, Stamp | None], ...] = ()
+    """The project files it imports, with their stamps when it was imported."""
 
 
 _cache: dict[Path, _CachedFile] = {}
+_lock = threading.RLock()
+"""Imports change ``sys.modules`` and ``sys.path``: one discovery pass at a time."""
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -211,22 +249,34 @@ def _workflow_functions(module: ModuleType) -> tuple[tuple[str, Any], ...]:
     return tuple(found)
 
 
-def _scan(root: Path, path: Path) -> _CachedFile:
-    stat = path.stat()
-    stamp = (stat.st_mtime_ns, stat.st_size)
+def _scan(scan: Scan, path: Path) -> _CachedFile:
+    stamp = scan.stamp(path)
     cached = _cache.get(path)
-    if cached is not None and cached.stamp == stamp:
+    if cached is not None and cached.stamp == stamp and scan.fresh(cached.deps):
         return cached
-    try:
-        module = _import_file(root, path)
-    except Exception as exc:  # noqa: BLE001 - any error in a user's file is reported, not raised
-        error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        broken = BrokenFile(path, error, traceback.format_exc())
-        entry = _CachedFile(stamp, None, (), broken)
+    loaded = scan.load(path, lambda: _import_file(scan.root, path))
+    if loaded.module is None:
+        entry = _CachedFile(stamp, None, (), _broken(scan, path, loaded), loaded.deps)
     else:
-        entry = _CachedFile(stamp, module, _workflow_functions(module), None)
+        functions = _workflow_functions(loaded.module)
+        entry = _CachedFile(stamp, loaded.module, functions, None, loaded.deps)
     _cache[path] = entry
     return entry
+
+
+def _broken(scan: Scan, path: Path, loaded: Loaded) -> BrokenFile:
+    """Any error in a user's file, or in a module it imports, is reported, not raised."""
+    error = loaded.error or ImportError(f"cannot import {path}")
+    if isinstance(error, SyntaxError):  # its last line would drop the file and line number
+        line = f"{type(error).__name__}: {error}"
+    else:
+        line = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1]
+    line += scan.shadowed(error)
+    if loaded.helper is not None:
+        where = loaded.helper.relative_to(scan.root)
+        line = f"{where} (module {loaded.helper_name}) failed to import: {line}"
+    details = "".join(traceback.format_exception(error))
+    return BrokenFile(path, line, details, loaded.helper)
 
 
 def _files(root: Path, patterns: Iterable[str]) -> list[Path]:
@@ -252,8 +302,11 @@ def discover(project_root: Path | None = None, patterns: Sequence[str] | None = 
     root = find_project_root(project_root)
     globs = list(patterns) if patterns is not None else get_settings().pattern
     result = Discovery(root=root)
-    for path in _files(root, globs):
-        scanned = _scan(root, path)
+    with _lock:
+        scan = Scan(root)
+        scanned_files = [(path, _scan(scan, path)) for path in _files(root, globs)]
+    for path, scanned in scanned_files:
+        result.project_imports.update(dep for dep, _ in scanned.deps)
         if scanned.broken is not None:
             result.broken.append(scanned.broken)
             continue
@@ -283,10 +336,11 @@ def load_workflow_flow(entrypoint: str, root: Path | str | None = None) -> Flow[
         WorkflowNotFoundError: the file does not define that workflow (any more).
         ImportError: the file fails to import.
     """
-    base = Path(root) if root is not None else find_project_root()
+    base = (Path(root) if root is not None else find_project_root()).resolve()
     relative, _, name = entrypoint.rpartition(":")
     path = (base / relative).resolve()
-    scanned = _scan(base.resolve(), path)
+    with _lock:
+        scanned = _scan(Scan(base), path)
     if scanned.broken is not None:
         raise ImportError(f"{relative} failed to import: {scanned.broken.error}")
     for found, fn in scanned.functions:

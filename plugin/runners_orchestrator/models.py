@@ -111,7 +111,7 @@ class RunnerJob(WireModel):
 
     url: HttpUrl
     """The page the runners check."""
-    runners: list[str] = Field(min_length=1)
+    runners: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     """Names of the runners to execute on one runner server, at least one."""
     region: str | None = None
     """Limit the job to servers of this region; any region when unset."""

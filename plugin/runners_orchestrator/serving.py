@@ -6,13 +6,21 @@
 a run submitted through the API start within a second (see ``docs/workflows.md`` for the
 measurements and what the polling costs the Prefect server).
 
-``serve_with_reload`` runs that in a child process and restarts it when a workflow file
-changes, so the served deployments and ``list`` follow the files without a manual restart.
+``serve_with_reload`` runs that in a child process and restarts it when a workflow file, or
+a project module a workflow file imports, changes, so the served deployments follow the
+files without a manual restart.
+
+The project root is importable here and in every run's process, as in discovery: a run's
+process (forked or spawned) gets the runner's ``sys.path`` from ``multiprocessing``, and
+imports the project modules the flow needs from disk when it unpickles the flow. The fork
+server preloads Prefect and this plugin only, never project modules, so it holds nothing
+that an edit could make stale.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -21,26 +29,34 @@ import subprocess
 import sys
 import types
 from multiprocessing import forkserver
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import prefect.flow_engine
 import prefect.runner._starter_direct
 from prefect.runner import Runner
 
+from runners_orchestrator._imports import make_importable
 from runners_orchestrator.crash_detection import enable_heartbeats, ensure_crash_detection
 from runners_orchestrator.deployments import GENERATED_TAG
-from runners_orchestrator.exceptions import ConfigurationError
+from runners_orchestrator.discovery import discover
+from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from pathlib import Path
+    from collections.abc import Callable, Sequence
+
+    from watchfiles import Change
 
     from runners_orchestrator.discovery import Discovery
 
-__all__ = ["DEFAULT_QUERY_SECONDS", "serve_flows", "serve_with_reload"]
+__all__ = ["DEFAULT_QUERY_SECONDS", "serve_flows", "serve_with_reload", "watched_paths"]
 
 DEFAULT_QUERY_SECONDS = 0.2
 logger = logging.getLogger("runners_orchestrator.serving")
+
+RESTART_SECONDS = (2, 30)
+"""``--reload``: after the server exits on its own, restart it at the next change, or after
+this delay, doubled at each exit in a row up to the second value."""
 
 FORKSERVER_PRELOAD = (
     "prefect",
@@ -98,7 +114,10 @@ async def serve_flows(
     With ``forkserver`` (the default), each run's process is forked from a warm fork
     server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
     """
-    enable_heartbeats()  # before the fork server starts: every run's process inherits it
+    # Before the fork server starts, so that every run's process inherits them: heartbeats,
+    # and the project importable (runs' processes unpickle flows that import the project).
+    enable_heartbeats()
+    make_importable(discovery.root)
     if forkserver:
         use_forkserver()
     try:
@@ -129,24 +148,63 @@ async def serve_flows(
     await runner.start()
 
 
-async def serve_with_reload(command: Sequence[str], watch: Sequence[Path]) -> int:
-    """Run ``command`` and restart it whenever a ``.py`` file under ``watch`` changes."""
+def watched_paths(root: Path, patterns: Sequence[str]) -> list[Path]:
+    """What ``--reload`` watches recursively: workflow folders and imported project packages.
+
+    The folders are the patterns' fixed prefixes (``flows/`` of ``flows/**/*.py``); the
+    project's own packages and modules are the top-level entries of those the workflow files
+    import (``helpers/`` for ``helpers.shared``), found by discovering.
+    """
+    paths = {root / pattern.split("*", 1)[0] for pattern in patterns}
+    try:
+        discovery = discover(root, patterns)
+    except OrchestratorError as exc:
+        # A duplicate name: the server reports it, and the fix touches a workflow file.
+        logger.debug("watching the workflow folders only: %s", exc)
+    else:
+        paths.update(root / path.relative_to(root).parts[0] for path in discovery.project_imports)
+    return sorted(path for path in paths if path.exists())
+
+
+async def serve_with_reload(command: Sequence[str], root: Path, patterns: Sequence[str]) -> int:
+    """Run ``command`` and restart it whenever a workflow file or a project module changes.
+
+    Watched: :func:`watched_paths`, recursively, computed again before each start (a
+    workflow file may have started importing another package); and the project root, not
+    recursively, for a module or package created there, which a workflow file may be
+    waiting for.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    existing = [str(p) for p in watch if p.exists()]
+    delay = RESTART_SECONDS[0]
     while True:
+        watched = watched_paths(root, patterns)
+        logger.debug("watching %s", ", ".join(str(p) for p in watched))
+        started = loop.time()
         child = await asyncio.create_subprocess_exec(*command, stdin=subprocess.DEVNULL)
-        changed = asyncio.ensure_future(_next_change(existing, stop))
+        changed = asyncio.ensure_future(_next_change(watched, root, stop))
         exited = asyncio.ensure_future(child.wait())
         await asyncio.wait({changed, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done() and not stop.is_set():
-            # It stopped on its own (Prefect restarting, a broken file): try again shortly.
+        if exited.done() and not changed.done():
+            # It stopped on its own: a broken file (wait for its fix) or Prefect unreachable
+            # (try again). Each start imports Prefect anew: do not spin on a broken project.
+            if loop.time() - started > RESTART_SECONDS[1]:
+                delay = RESTART_SECONDS[0]
+            logger.warning(
+                "serving stopped (exit code %s); restarting at the next change or in %ss",
+                child.returncode,
+                delay,
+            )
+            await asyncio.wait({changed}, timeout=delay)
+            delay = RESTART_SECONDS[0] if changed.done() else min(delay * 2, RESTART_SECONDS[1])
             changed.cancel()
-            logger.warning("serving stopped (exit code %s); restarting in 2s", child.returncode)
-            await asyncio.sleep(2)
+            await asyncio.gather(changed, return_exceptions=True)
+            if stop.is_set():
+                return 0
             continue
+        delay = RESTART_SECONDS[0]
         exited.cancel()
         if child.returncode is None:
             child.send_signal(signal.SIGTERM)
@@ -159,13 +217,52 @@ async def serve_with_reload(command: Sequence[str], watch: Sequence[Path]) -> in
             return 0
 
 
-async def _next_change(folders: Sequence[str], stop: asyncio.Event) -> None:
+def _top_level_filter(root: Path) -> Callable[[Change, str], bool]:
+    """Accept a ``.py`` file, or a new folder that could be a package, right in ``root``."""
+    from watchfiles import Change  # noqa: PLC0415 - development only
+
+    def accept(change: Change, path: str) -> bool:
+        name = Path(path).name
+        if name.endswith(".py"):
+            return True
+        return (
+            change == Change.added
+            and name.isidentifier()
+            and name != "__pycache__"
+            and (root / name).is_dir()
+        )
+
+    return accept
+
+
+async def _next_change(watched: Sequence[Path], root: Path, stop: asyncio.Event) -> None:
+    """Return at the first change that matters, or once ``stop`` is set."""
     from watchfiles import PythonFilter, awatch  # noqa: PLC0415 - development only
 
-    async for changed in awatch(*folders, watch_filter=PythonFilter(), stop_event=stop):
-        files = sorted({path for _, path in changed})
-        logger.info("workflow files changed (%s); reloading", ", ".join(files))
-        return
+    # The watchers' own stop event: awatch sets it when cancelled, and `stop` means "exit".
+    halt = asyncio.Event()
+
+    async def first(paths: Sequence[Path], **options: Any) -> set[tuple[Change, str]]:
+        async with contextlib.aclosing(awatch(*paths, stop_event=halt, **options)) as batches:
+            async for batch in batches:
+                return batch
+        return set()
+
+    stopped = asyncio.ensure_future(stop.wait())
+    watchers = [
+        asyncio.ensure_future(first([root], watch_filter=_top_level_filter(root), recursive=False))
+    ]
+    if watched:
+        watchers.append(asyncio.ensure_future(first(watched, watch_filter=PythonFilter())))
+    try:
+        await asyncio.wait([stopped, *watchers], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.set()
+        stopped.cancel()
+        results = await asyncio.gather(stopped, *watchers, return_exceptions=True)
+    files = sorted({path for batch in results[1:] if isinstance(batch, set) for _, path in batch})
+    if files:
+        logger.info("files changed (%s); reloading", ", ".join(files))
 
 
 def reload_command(argv: Sequence[str]) -> list[str]:

@@ -19,6 +19,13 @@ from prefect.settings import PREFECT_API_URL
 from helpers import CLI
 
 PREFECT = [str(Path(sys.executable).parent / "prefect")]
+HELPER = """\
+DEFAULT_NAME = "world"
+
+
+def normalise(name: str) -> str:
+    return name.strip()
+"""
 
 
 @pytest.fixture
@@ -32,12 +39,20 @@ def project(tmp_path: Path, prefect_server) -> tuple[Path, dict[str, str]]:
         textwrap.dedent('''
         import os
 
+        from helpers.shared import DEFAULT_NAME, normalise
 
-        async def greet(name: str = "world") -> str:
+
+        async def greet(name: str = DEFAULT_NAME) -> str:
             """Greet someone, from wherever the run happens."""
-            return f"hello {name} from {os.getpid()}"
+            return f"hello {normalise(name)} from {os.getpid()}"
         ''')
     )
+    # Shared code beside the flows, imported by the workflow: the worker, the served
+    # runner and every run's process must import it too.
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("")
+    (tmp_path / "helpers" / "shared.py").write_text(HELPER)
+    (tmp_path / "docs").mkdir()
     env = {
         **os.environ,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
@@ -69,6 +84,7 @@ async def wait_final(flow_run_id: uuid.UUID, timeout: float = 60) -> object:
     pytest.fail(f"flow run {flow_run_id} did not finish within {timeout}s")
 
 
+@pytest.mark.timeout(300)  # four Prefect CLI processes in a row: slow, not hung, on a busy machine
 async def test_prefect_deploy_all_then_a_worker_runs_the_generated_deployment(project):
     root, env = project
     sh([*CLI, "deploy"], root, env)
@@ -94,7 +110,7 @@ async def test_serve_flows_completes_a_run_submitted_through_the_api(project):
     root, env = project
     process = subprocess.Popen(
         [*CLI, "serve-flows", "--log-level", "warning"],
-        cwd=root,
+        cwd=root / "docs",  # a subfolder: the project root, not the working directory, is imported
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,  # nobody reads it: a full pipe must not stall the server
@@ -164,3 +180,66 @@ async def test_reload_serves_a_workflow_added_while_running(project):
         )
         running = [line for line in listing.stdout.splitlines() if " Z" not in line]
         assert running == []
+
+
+async def run_until(deployment_id: uuid.UUID, expected: str, timeout: float = 60) -> None:
+    """Submit runs until one returns ``expected``: the reloaded server serves the new code."""
+    deadline = time.monotonic() + timeout
+    seen: list[object] = []
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            run = await client.create_flow_run_from_deployment(deployment_id)
+            finished = await wait_final(run.id)
+            if finished.state.is_completed():  # type: ignore[attr-defined]
+                result = await finished.state.result()  # type: ignore[attr-defined]
+                seen.append(result)
+                if result.startswith(expected):
+                    return
+            else:  # a run caught by a restart
+                seen.append(finished.state)  # type: ignore[attr-defined]
+            await asyncio.sleep(0.5)
+    pytest.fail(f"no run returned {expected!r} within {timeout}s; got {seen}")
+
+
+async def served_default(name: str) -> object:
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+    return deployment.parameter_openapi_schema["properties"]["name"]["default"]
+
+
+@pytest.mark.timeout(240)  # three reloads, each importing Prefect again on a shared machine
+async def test_reload_follows_an_edited_helper_and_recovers_from_a_broken_one(project):
+    # The helper gives the workflow its parameter's default. A run's process imports the
+    # helper from disk, but the workflow function, its defaults included, comes pickled
+    # from the serving process: only a restarted server serves the new default.
+    root, env = project
+    process = subprocess.Popen(
+        [*CLI, "serve-flows", "--reload", "--log-level", "warning"],
+        cwd=root / "docs",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    helper = root / "helpers" / "shared.py"
+    try:
+        deployment = await wait_for_deployment("greet/greet", process)
+        await run_until(deployment.id, "hello world from ")
+
+        helper.write_text(HELPER.replace('"world"', '"edited"'))
+        await run_until(deployment.id, "hello edited from ")
+        assert await served_default("greet/greet") == "edited"
+
+        # Broken: the only workflow cannot be imported, so the server exits; the reloader
+        # stays, and serves again once the helper is fixed.
+        helper.write_text("def normalise(:\n")
+        await asyncio.sleep(6)
+        assert process.poll() is None
+
+        helper.write_text(HELPER.replace('"world"', '"fixed"'))
+        await run_until(deployment.id, "hello fixed from ")
+        assert await served_default("greet/greet") == "fixed"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

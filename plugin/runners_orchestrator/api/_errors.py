@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from runners_orchestrator.api._gateway import PrefectRefusedError
+from runners_orchestrator.api._gateway import DeploymentMissingError, PrefectRefusedError
 from runners_orchestrator.exceptions import ConfigurationError, PrefectUnavailableError
 
 if TYPE_CHECKING:
     from litestar.types import ExceptionHandlersMap
 
-__all__ = ["ApiError", "error_response", "exception_handlers"]
+__all__ = ["RETRY_AFTER_SECONDS", "ApiError", "error_response", "exception_handlers"]
 
 logger = logging.getLogger("runners_orchestrator.api")
+
+RETRY_AFTER_SECONDS = 2
+"""What ``Retry-After`` says on every 503: Prefect back, or the deployment registered."""
 
 
 class ApiError(Exception):
@@ -54,9 +57,11 @@ def _api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, A
 def _prefect_unavailable(
     _: Request[Any, Any, Any], exc: PrefectUnavailableError
 ) -> Response[dict[str, Any]]:
-    return error_response(
-        ApiError(503, "prefect_unavailable", str(exc), headers={"Retry-After": "2"})
-    )
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, DeploymentMissingError):
+        details = {"workflow": exc.workflow}
+        return error_response(ApiError(503, "workflow_not_ready", str(exc), details, headers=retry))
+    return error_response(ApiError(503, "prefect_unavailable", str(exc), headers=retry))
 
 
 _CODES = {
@@ -73,7 +78,9 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[d
     if isinstance(exc, ValidationException) and exc.extra:
         details["issues"] = exc.extra
     error = _CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")  # noqa: PLR2004
-    return error_response(ApiError(exc.status_code, error, exc.detail, details))
+    # Litestar's own headers stay: `Allow` on a 405 (RFC 9110), `Retry-After` on a 429 ...
+    headers = dict(exc.headers or {})
+    return error_response(ApiError(exc.status_code, error, exc.detail, details, headers=headers))
 
 
 def _prefect_refused(

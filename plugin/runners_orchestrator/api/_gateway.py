@@ -20,6 +20,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+)
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
@@ -31,7 +37,7 @@ from runners_orchestrator.reporting import read_progress
 from runners_orchestrator.results import read_result
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
     from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
@@ -39,12 +45,14 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.discovery import Workflow
 
-__all__ = ["PrefectGateway", "PrefectRefusedError"]
+__all__ = ["DeploymentMissingError", "PrefectGateway", "PrefectRefusedError"]
 
 T = TypeVar("T")
 logger = logging.getLogger("runners_orchestrator.api")
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+PAGE = 200
+"""Deployments read per request (Prefect's default limit)."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -62,6 +70,14 @@ class PrefectRefusedError(Exception):
         super().__init__(f"Prefect refused the run (HTTP {status}): {detail}")
         self.status = status
         self.detail = detail
+
+
+class DeploymentMissingError(PrefectUnavailableError):
+    """No deployment serves the workflow yet: it cannot start until one is registered."""
+
+    def __init__(self, message: str, workflow: str) -> None:
+        super().__init__(message)
+        self.workflow = workflow
 
 
 def _detail(response: httpx.Response) -> str:
@@ -159,9 +175,11 @@ class PrefectGateway:
                 "read deployment", lambda: self.client.read_deployment_by_name(name)
             )
         except ObjectNotFound:
-            raise PrefectUnavailableError(
-                f"no deployment {name!r} in Prefect: start `runners-orchestrator serve-flows` "
-                "(or `dev`), or deploy with `runners-orchestrator deploy && prefect deploy --all`"
+            raise DeploymentMissingError(
+                f"no deployment {name!r} in Prefect yet: start `runners-orchestrator "
+                "serve-flows` (or `dev`), or deploy with `runners-orchestrator deploy && "
+                "prefect deploy --all`; retry later",
+                workflow.name,
             ) from None
         self._deployments[name] = deployment.id
         return deployment.id
@@ -203,8 +221,58 @@ class PrefectGateway:
             # The deployment was deleted since we cached it (a reload, a redeploy): once more.
             self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
             deployment_id = await self.deployment_id(workflow)
-            async with self._writes:
-                return await self._call("create flow run", create)
+            try:
+                async with self._writes:
+                    return await self._call("create flow run", create)
+            except ObjectNotFound:
+                # Deleted again in between: not startable right now, never a 500.
+                self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
+                raise DeploymentMissingError(
+                    f"the deployment of {workflow.name!r} disappeared while the run was "
+                    "created (serve-flows restarting?); retry later",
+                    workflow.name,
+                ) from None
+
+    async def deployed(self, workflows: Iterable[Workflow]) -> set[str]:
+        """Names of ``workflows`` whose deployment exists in Prefect now.
+
+        One attempt per request, no retries: the caller bounds the time (a readiness
+        probe answers within seconds, whatever Prefect does). Keeps the start path's
+        deployment cache in step with what it found.
+
+        Raises:
+            PrefectUnavailableError: Prefect did not answer.
+        """
+        wanted = {f"{w.flow.name}/{w.name}": w.name for w in workflows}
+        if not wanted:
+            return set()
+        flows = FlowFilter(name=FlowFilterName(any_=sorted({k.split("/")[0] for k in wanted})))
+        names = DeploymentFilter(name=DeploymentFilterName(any_=sorted(set(wanted.values()))))
+        found: dict[str, UUID] = {}
+        offset = 0
+        try:
+            with SettingsContext(profile=get_settings_context().profile, settings=self._settings):
+                while True:
+                    page = await self.client.read_deployments(
+                        flow_filter=flows, deployment_filter=names, limit=PAGE, offset=offset
+                    )
+                    for deployment in page:
+                        full = f"{await self.flow_name(deployment.flow_id)}/{deployment.name}"
+                        found[full] = deployment.id
+                    if len(page) < PAGE:
+                        break
+                    offset += PAGE
+        except (httpx.HTTPError, ObjectNotFound) as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise PrefectUnavailableError(
+                f"the Prefect API at {self.api_url} did not answer (read deployments): {reason}"
+            ) from exc
+        for full in wanted:
+            if full in found:
+                self._deployments[full] = found[full]
+            else:
+                self._deployments.pop(full, None)
+        return {wanted[full] for full in found if full in wanted}
 
     async def read(self, run_id: UUID) -> FlowRun:
         """The flow run ``run_id``.

@@ -2,20 +2,26 @@
 
 The body's keys are the workflow's parameter names, in snake_case or camelCase
 (``{"jobs": [...], "options": {...}}`` for ``orchestrate_runners(jobs, options)``). Each
-value is validated with pydantic against the parameter's type hint, so a job without a
-``url`` is a 400 naming ``jobs.0.url``, not a run that fails later.
+value is validated with pydantic against the parameter's type hint, in strict JSON mode,
+so that what is accepted is what the OpenAPI schema declares: ``true`` is not an integer
+and ``"5"`` is not a number, while ``5.0`` is an integer, as in JSON Schema. A job without
+a ``url`` is a 400 naming ``jobs.0.url``, not a run that fails later.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import typing
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from runners_orchestrator.api._errors import ApiError
+from runners_orchestrator.balancing import BALANCER_ENTRY_POINTS, BUILTIN_BALANCERS
 from runners_orchestrator.discovery import to_snake
 from runners_orchestrator.models import OrchestrateOptions, RunnerJob
 from runners_orchestrator.results import to_json
@@ -25,9 +31,21 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.discovery import Workflow
 
-__all__ = ["bind_parameters", "find_instances"]
+__all__ = ["balancer_names", "bind_parameters", "find_instances", "jobs_and_options"]
 
 _adapters: WeakKeyDictionary[Callable[..., Any], dict[str, TypeAdapter[Any]]] = WeakKeyDictionary()
+
+
+@functools.cache
+def balancer_names() -> tuple[str, ...]:
+    """The load balancers a client may name: the built-in ones and installed entry points.
+
+    An import path (``package.module:Class``) is not among them: it would let a client make
+    the API import a module and call whatever it names, so only the operator's settings
+    may use one.
+    """
+    installed = {entry.name for entry in entry_points(group=BALANCER_ENTRY_POINTS)}
+    return tuple(sorted({*BUILTIN_BALANCERS, *installed}))
 
 
 def _signature(workflow: Workflow) -> tuple[inspect.Signature, dict[str, TypeAdapter[Any]]]:
@@ -43,6 +61,17 @@ def _signature(workflow: Workflow) -> tuple[inspect.Signature, dict[str, TypeAda
         }
         _adapters[fn] = adapters
     return signature, adapters
+
+
+def _integral_floats_as_ints(value: object) -> object:
+    """``5.0`` as ``5``: JSON Schema counts a number without a fractional part as an integer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
 
 
 def _path(parts: tuple[str | int, ...]) -> str:
@@ -86,7 +115,11 @@ def bind_parameters(workflow: Workflow, body: object) -> tuple[dict[str, Any], d
                 issues.append({"path": [name], "message": "Field required"})
             continue
         try:
-            values[name] = adapter.validate_python(mapped[name])
+            # Strictly, as JSON: what the schema declares and nothing it does not (no
+            # `true` for an integer, no "5" for a number). Trusted internal callers keep
+            # the models' lax parsing.
+            raw = json.dumps(_integral_floats_as_ints(mapped[name]))
+            values[name] = adapter.validate_json(raw, strict=True)
         except ValidationError as exc:
             issues.extend(
                 {"path": [name, *err["loc"]], "message": err["msg"]}

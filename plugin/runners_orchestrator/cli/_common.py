@@ -109,7 +109,6 @@ def discover_project() -> Discovery:
 
 
 def report_broken(discovery: Discovery) -> None:
-    """One warning line per workflow file that failed to import."""
-    for broken in discovery.broken:
-        relative = broken.path.relative_to(discovery.root)
-        print(f"{PROG}: warning: skipped {relative}: {broken.error}", file=sys.stderr)  # noqa: T201
+    """One warning line per problem: a broken workflow file, or a broken helper and its files."""
+    for problem in discovery.problems():
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)  # noqa: T201

@@ -116,8 +116,8 @@ def _serve_flows(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.reload:
         discovery = discover_project()
-        folders = {discovery.root / p.split("*", 1)[0] for p in get_settings().pattern}
-        return asyncio.run(serve_with_reload(reload_command(sys.argv[1:]), sorted(folders)))
+        command = reload_command(sys.argv[1:])
+        return asyncio.run(serve_with_reload(command, discovery.root, get_settings().pattern))
     discovery = discover_project()
     report_broken(discovery)
     if not discovery.workflows:

@@ -338,3 +338,42 @@ class TcpProxy:
         self.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+@contextlib.contextmanager
+def blackhole(host: str = "127.0.0.1") -> Iterator[str]:
+    """A base URL on ``host`` where a connect hangs, as to a host that drops packets.
+
+    A socket listening with a backlog of 0 that never accepts: Linux queues one connection
+    (backlog + 1), so connections opened here fill the queue and every later SYN is dropped
+    without an answer. A connect then waits for its timeout, not for a refusal. Checked
+    before use, so a kernel that behaves otherwise fails the test loudly.
+    """
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind((host, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((host, port))
+            fillers.append(filler)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect((host, port))
+        except TimeoutError:
+            pass  # it hangs, as wanted
+        else:
+            msg = "the blackhole accepted a connection: this kernel does not drop SYNs here"
+            raise RuntimeError(msg)
+        finally:
+            probe.close()
+        yield f"http://{host}:{port}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

@@ -96,3 +96,35 @@ def test_sigterm_stops_the_runner_server_cleanly():
         # uvicorn shuts down gracefully, then re-raises the signal it caught.
         assert process.wait(timeout=15) in {0, -signal.SIGTERM}
         assert "Application shutdown complete" in process.stderr.read()  # type: ignore[union-attr]
+
+
+async def test_run_table_shows_a_failover(pages, runner_url, capsys):
+    from runners_orchestrator import RunnerJob  # noqa: PLC0415
+    from runners_orchestrator.balancing import RoundRobinBalancer  # noqa: PLC0415
+    from runners_orchestrator.cli.run import _print_results  # noqa: PLC0415
+    from runners_orchestrator.execution import JobExecutor, RetryPolicy  # noqa: PLC0415
+    from runners_orchestrator.registry import (  # noqa: PLC0415
+        AvailableServer,
+        HealthChecker,
+        ServerPool,
+    )
+    from runners_orchestrator.settings import ServerConfig  # noqa: PLC0415
+    from runners_orchestrator.steps import summarise  # noqa: PLC0415
+
+    dead, alive = (
+        AvailableServer(server=ServerConfig(id=sid, url=f"{base}/api/runner"), capacity=10)
+        for sid, base in (("us-dead", f"http://127.0.0.1:{free_port()}"), ("us-1", runner_url))
+    )
+    executor = JobExecutor(
+        pool=ServerPool(available=[dead, alive]),
+        balancer=RoundRobinBalancer(),
+        health=HealthChecker(),
+        policy=RetryPolicy(backoff=0.01),
+    )
+    job = RunnerJob(url=pages.url("/title"), runners=["exampleTitleVisibleTest"])
+    result = await executor.run(job, "job-1", timeout=10, first=dead)
+    _print_results(summarise([result], [job], run_id="r1").to_wire())  # as the API returns it
+    out = capsys.readouterr().out
+    header = out.splitlines()[1]
+    assert header.split("┃")[-2].strip() == "tries"
+    assert "us-dead refused → us-1 ok" in out

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 
 import pytest
 
-from helpers import ScriptedRunnerServer, free_port, serve_app, ts_results
-from runners_orchestrator import RunnerJob
-from runners_orchestrator.balancing import RoundRobinBalancer
+from helpers import ScriptedRunnerServer, blackhole, free_port, serve_app, ts_results
+from runners_orchestrator import JobResult, RunnerJob
+from runners_orchestrator.balancing import LeastLoadBalancer, RoundRobinBalancer
 from runners_orchestrator.execution import JobExecutor, RetryPolicy
 from runners_orchestrator.registry import AvailableServer, HealthChecker, ServerPool
 from runners_orchestrator.settings import ServerConfig
@@ -21,13 +23,21 @@ def avail(sid: str, base: str, region: str = "us-east-1") -> AvailableServer:
     return AvailableServer(server=config, capacity=10)
 
 
-def executor(*servers: AvailableServer, policy: RetryPolicy = FAST_RETRIES) -> JobExecutor:
+def executor(
+    *servers: AvailableServer,
+    policy: RetryPolicy = FAST_RETRIES,
+    health: HealthChecker | None = None,
+) -> JobExecutor:
     return JobExecutor(
         pool=ServerPool(available=list(servers)),
         balancer=RoundRobinBalancer(),
-        health=HealthChecker(ejection_seconds=30),
+        health=health or HealthChecker(ejection_seconds=30),
         policy=policy,
     )
+
+
+def outcomes(result: JobResult) -> list[tuple[str, str]]:
+    return [(t.server, t.outcome) for t in result.tries]
 
 
 def job(pages, path="/banner-visible", region="us-east-1", **kw) -> RunnerJob:
@@ -103,6 +113,12 @@ async def test_5xx_is_retried_on_the_same_server(pages):
     assert result.state == "completed"
     assert result.attempts == 3
     assert flaky.execute_calls == 3
+    assert [(t.outcome, t.status) for t in result.tries] == [
+        ("server_error", 503),
+        ("server_error", 502),
+        ("ok", 200),
+    ]
+    assert result.failovers == 0  # retried where it was, never moved
 
 
 async def test_failing_server_fails_over_to_a_peer_of_the_same_region(pages, runner_url):
@@ -114,6 +130,8 @@ async def test_failing_server_fails_over_to_a_peer_of_the_same_region(pages, run
     assert result.state == "completed"
     assert result.server == "good"
     assert result.attempts == 4  # three on the broken server, one on its peer
+    assert outcomes(result) == [("bad", "server_error")] * 3 + [("good", "ok")]
+    assert result.failovers == 1
     assert broken.execute_calls == 3
     assert other_region.execute_calls == 0
     assert run.health.ejected_reason("bad") is not None
@@ -124,6 +142,9 @@ async def test_dead_server_fails_over_without_retrying(pages, runner_url):
     run = executor(dead, avail("alive", runner_url))
     result = await run.run(job(pages), "job-1", timeout=10, first=dead)
     assert (result.state, result.server, result.attempts) == ("completed", "alive", 2)
+    assert outcomes(result) == [("dead", "refused"), ("alive", "ok")]
+    assert result.tries[0].error is not None
+    assert result.tries[0].error.startswith("cannot connect")
 
 
 async def test_every_server_failing_gives_a_failed_job_with_each_reason(pages):
@@ -156,6 +177,37 @@ async def test_hung_server_is_abandoned_for_a_peer_after_the_request_timeout(pag
         run = executor(avail("hung", base), avail("good", runner_url), policy=policy)
         result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
     assert (result.state, result.server) == ("completed", "good")
+
+
+async def test_timed_out_server_is_left_for_a_peer_at_once_not_retried(pages, runner_url):
+    # Retrying a silent server max_attempts times would outlast the job's timeout.
+    hung = ScriptedRunnerServer().always(200, "hang")
+    policy = RetryPolicy(max_attempts=3, backoff=0.01, request_timeout=0.3)
+    with serve_app(hung) as base:
+        run = executor(avail("hung", base), avail("good", runner_url), policy=policy)
+        result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
+    assert outcomes(result) == [("hung", "timed_out"), ("good", "ok")]
+    assert hung.execute_calls == 1
+    assert run.health.is_out("hung")
+
+
+async def test_429_is_recorded_but_is_not_a_failover(pages, runner_url):
+    full = ScriptedRunnerServer().always(429, {"code": "TOO_MANY_REQUESTS"}, {"Retry-After": "5"})
+    with serve_app(full) as base:
+        run = executor(avail("full", base), avail("free", runner_url))
+        result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
+    assert [(t.server, t.outcome, t.status) for t in result.tries] == [
+        ("full", "busy", 429),
+        ("free", "ok", 200),
+    ]
+    assert result.failovers == 0
+    assert result.to_wire()["tries"][0] == {
+        "server": "full",
+        "outcome": "busy",
+        "durationMs": result.tries[0].duration_ms,
+        "status": 429,
+        "error": "at capacity (429)",
+    }
 
 
 async def test_429_moves_to_another_server_without_counting_as_a_failure(pages, runner_url):
@@ -206,3 +258,112 @@ async def test_retry_after_zero_does_not_spin_on_a_full_server(pages):
     assert result.state == "timed_out"
     # At most one request per 0.1 s floor, not thousands in a busy loop.
     assert full.execute_calls <= 12
+
+
+async def test_ejection_learned_by_one_job_is_seen_by_every_job_of_the_run(pages, runner_url):
+    # Each job gets its own executor, as each execute_runner task does; they share only the
+    # process's health checker.
+    health = HealthChecker(ejection_seconds=30)
+    dead = avail("dead", f"http://127.0.0.1:{free_port()}")
+    alive = avail("alive", runner_url)
+    results = []
+    for n in range(10):
+        run = executor(dead, alive, health=health)
+        results.append(await run.run(job(pages), f"job-{n}", timeout=10, first=dead))
+    assert all(r.state == "completed" for r in results)
+    tries_on_dead = [t for r in results for t in r.tries if t.server == "dead"]
+    assert len(tries_on_dead) == 1  # the first job learned it; the other nine never went
+
+
+async def test_failed_jobs_do_not_lengthen_an_ejection_probes_do():
+    health = HealthChecker(ejection_seconds=10)
+    health.eject("a", "refused")
+    first = health._ejected["a"].until
+    health.eject("a", "refused by a job that was already in flight")
+    assert health._ejected["a"].until == first  # one ejection per failure streak
+
+
+async def test_silent_server_costs_one_job_its_connect_timeout_then_none(pages, runner_url):
+    """40 jobs over a server that drops connects and a healthy peer, 10 at a time."""
+    policy = RetryPolicy(max_attempts=3, backoff=0.01, request_timeout=30, connect_timeout=0.5)
+    jobs = [job(pages, "/slow?s=0.1", runners=["exampleTitleVisibleTest"]) for _ in range(40)]
+
+    async def run_all(*servers: AvailableServer) -> tuple[list[JobResult], float]:
+        run = JobExecutor(
+            pool=ServerPool(available=list(servers)),
+            balancer=LeastLoadBalancer(),
+            health=HealthChecker(ejection_seconds=30),
+            policy=policy,
+        )
+        window = asyncio.Semaphore(10)
+
+        async def one(n: int, given: RunnerJob) -> JobResult:
+            async with window:
+                return await run.run(given, f"job-{n}", timeout=60)
+
+        started = time.monotonic()
+        results = await asyncio.gather(*(one(n, j) for n, j in enumerate(jobs, start=1)))
+        return list(results), time.monotonic() - started
+
+    _, healthy = await run_all(avail("good", runner_url))
+    with blackhole() as silent:
+        results, elapsed = await run_all(avail("silent", silent), avail("good", runner_url))
+
+    assert all(r.state == "completed" for r in results), [r.error for r in results]
+    assert {r.server for r in results} == {"good"}
+    per_server = Counter(t.server for r in results for t in r.tries)
+    assert per_server["silent"] <= 1  # at most one job ever tried it
+    waited = [r for r in results if any(t.outcome == "connect_timeout" for t in r.tries)]
+    assert len(waited) <= 1
+    for r in waited:  # that job failed over at once, and says so
+        assert outcomes(r) == [("silent", "connect_timeout"), ("good", "ok")]
+        assert r.failovers == 1
+    # Only catches a hang (each job waiting its 30 s request timeout), with room for a loaded
+    # machine: the counts above are the proof.
+    assert elapsed < 3 * healthy + 5
+
+
+async def test_silent_only_server_is_retried_then_the_job_fails(pages):
+    policy = RetryPolicy(max_attempts=2, backoff=0.01, request_timeout=5, connect_timeout=0.2)
+    with blackhole() as silent:
+        result = await executor(avail("silent", silent), policy=policy).run(
+            job(pages), "job-1", timeout=10
+        )
+    assert result.state == "failed"
+    assert outcomes(result) == [("silent", "connect_timeout")] * 2  # no peer: retried
+    assert result.error == "every runner server failed: silent: no connection within 0.2s"
+
+
+async def test_ejected_server_is_out_for_new_jobs_until_a_probe_brings_it_back(pages):
+    health = HealthChecker(ejection_seconds=0.2)
+    server = ScriptedRunnerServer().always(200, ts_results(("a", "pass"), ("b", "pass")))
+    with serve_app(server) as base:
+        only = avail("only", base)
+        health.eject("only", "cannot connect: refused")
+        out = await executor(only, health=health).run(job(pages), "job-1", timeout=10)
+        assert out.state == "failed"
+        assert out.error == (
+            "no healthy runner server in region 'us-east-1' (only: cannot connect: refused)"
+        )
+        assert server.execute_calls == 0
+        await asyncio.sleep(0.25)  # the probe is due: the next job probes, then uses it
+        back = await executor(only, health=health).run(job(pages), "job-2", timeout=10)
+    assert (back.state, back.server, back.attempts) == ("completed", "only", 1)
+    assert not health.is_out("only")
+
+
+async def test_a_server_that_answers_429_is_confirmed_and_not_tried_one_job_at_a_time(pages):
+    # A trial ends with any HTTP answer: a full server is reachable, so jobs may go on
+    # sending to it in parallel (each then gets its own 429 or result).
+    busy_then_ok = (
+        ScriptedRunnerServer()
+        .then(429, {"code": "TOO_MANY_REQUESTS"}, {"Retry-After": "0.1"})
+        .always(200, ts_results(("a", "pass"), ("b", "pass")))
+    )
+    health = HealthChecker()
+    with serve_app(busy_then_ok) as base:
+        run = executor(avail("only", base), health=health)
+        first = await run.run(job(pages), "job-1", timeout=10)
+    assert outcomes(first) == [("only", "busy"), ("only", "ok")]
+    assert not health.on_trial("only")
+    assert "only" in health._confirmed

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from runners_orchestrator import ExecuteRequest, JobResult, RunnerJob, RunnerResult
+from runners_orchestrator import Attempt, ExecuteRequest, JobResult, RunnerJob, RunnerResult
 
 
 def test_camel_and_snake_case_are_both_accepted():
@@ -36,6 +36,7 @@ def test_wire_form_is_camel_case_without_unset_fields():
         "state": "completed",
         "results": [],
         "attempts": 1,
+        "tries": [],
         "startedAt": "2026-01-02T03:04:05Z",
         "completedAt": "2026-01-02T03:04:05Z",
         "durationMs": 0,
@@ -105,3 +106,26 @@ def test_runner_input_url_is_used_without_a_top_level_url():
         {"runners": [{"name": "b", "input": {"url": "http://own.example/"}}]}
     )
     assert request.runner_specs()[0].input == {"url": "http://own.example/"}
+
+
+def test_failovers_count_moves_after_a_failure_not_after_a_429():
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    tries = [
+        Attempt(server="a", outcome="refused", duration_ms=1),
+        Attempt(server="b", outcome="busy", duration_ms=1, status=429),
+        Attempt(server="c", outcome="server_error", duration_ms=1, status=503),
+        Attempt(server="c", outcome="server_error", duration_ms=1, status=503),
+        Attempt(server="d", outcome="ok", duration_ms=1, status=200),
+    ]
+    result = JobResult(
+        job_id="j1",
+        job=RunnerJob(url="http://a.example/", runners=["x"]),
+        state="completed",
+        started_at=now,
+        completed_at=now,
+        duration_ms=0,
+        attempts=len(tries),
+        tries=tries,
+    )
+    assert result.failovers == 2  # a → b and c → d; b → c followed a 429
+    assert JobResult.model_validate(result.to_wire()) == result

@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from helpers import ScriptedRunnerServer, free_port, serve_app
+from helpers import ScriptedRunnerServer, blackhole, free_port, serve_app
 from runners_orchestrator import ConfigurationError
 from runners_orchestrator.registry import (
     HealthChecker,
@@ -45,20 +45,48 @@ async def test_ejected_server_is_skipped_then_probed_again():
         async with httpx.AsyncClient() as client:
             skipped = await checker.check(client, [target])
             assert skipped.available == []
-            assert "failed a job (skipped for another" in skipped.unavailable[0].reason
+            assert "failed a job (probed again in" in skipped.unavailable[0].reason
             await asyncio.sleep(0.35)
             again = await checker.check(client, [target])
     assert [s.id for s in again.available] == ["flaky"]
 
 
-async def test_ejection_grows_with_consecutive_failures():
+async def test_ejection_grows_with_failed_probes_not_with_failed_jobs():
     checker = HealthChecker(ejection_seconds=10)
     checker.eject("a", "down")
     first = checker._ejected["a"].until
-    checker.eject("a", "down")
-    assert checker._ejected["a"].until - first > 9
+    checker.eject("a", "down")  # another job of the same streak
+    assert checker._ejected["a"].until == first
+    checker.probe_failed("a", "still down")
+    assert checker._ejected["a"].until - first > 9  # probed again later: 2 x 10 s
     checker.restore("a")
     assert checker.ejected_reason("a") is None
+    assert not checker.is_out("a")
+
+
+async def test_due_probe_is_claimed_once_and_restores_a_server_that_answers():
+    checker = HealthChecker(ejection_seconds=0)
+    with serve_app(ScriptedRunnerServer()) as base:
+        target = config("back", base)
+        checker.eject("back", "refused")
+        assert checker.is_out("back")
+        assert checker.claim_probe("back")
+        assert not checker.claim_probe("back")  # one probe at a time
+        async with httpx.AsyncClient() as client:
+            assert await checker.reprobe(client, target)
+    assert not checker.is_out("back")
+
+
+async def test_silent_server_fails_its_probe_within_the_health_timeout():
+    with blackhole() as silent:
+        checker = HealthChecker(timeout=0.3)
+        async with httpx.AsyncClient() as client:
+            started = asyncio.get_running_loop().time()
+            pool = await checker.check(client, [config("silent", silent)])
+            elapsed = asyncio.get_running_loop().time() - started
+    assert elapsed < 3
+    assert pool.unavailable[0].reason == "health probe timed out after 0.3s"
+    assert checker.is_out("silent")
 
 
 async def test_server_without_health_route_is_recognised_by_info():
@@ -119,3 +147,12 @@ async def test_registry_types_by_name_and_path():
     assert isinstance(registry_from_config(by_path), InMemoryRegistry)
     with pytest.raises(ConfigurationError, match="unknown registry type 'consul'"):
         registry_from_config(RegistryConfig(type="consul"))
+
+
+async def test_an_http_answer_confirms_a_server_but_does_not_bring_back_one_that_is_out():
+    health = HealthChecker()
+    health.eject("a", "refused")
+    health.confirm("a")
+    assert health.is_out("a")
+    health.confirm("b")
+    assert "b" in health._confirmed

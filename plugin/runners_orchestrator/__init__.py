@@ -21,6 +21,7 @@ from runners_orchestrator.exceptions import (
     WorkflowNotFoundError,
 )
 from runners_orchestrator.models import (
+    Attempt,
     ErrorEnvelope,
     ExecuteRequest,
     ExecuteResponse,
@@ -85,6 +86,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Attempt",
     "ConfigurationError",
     "Discovery",
     "DuplicateWorkflowError",

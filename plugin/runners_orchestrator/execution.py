@@ -12,11 +12,19 @@ answer                            whose fault              what happens
 error ``code`` RUNNER_NOT_FOUND,  the job's                job failed at once, never
 INPUT_VALIDATION_FAILED,                                   retried (even when it came as
 BAD_REQUEST (any status)                                   a 500 from a TypeScript server)
-connection refused / reset        the server's (down)      server ejected, fail over
-no answer in ``request_timeout``  the server's (hung)      retry, then eject and fail over
+connection refused / reset, or    the server's (down)      server ejected for every job;
+no connection in                                           fail over at once to a peer, or
+``connect_timeout``                                        retry it if it has none
+no answer in ``request_timeout``  the server's (hung)      fail over at once to a peer
+                                                           (server ejected), or retry it
+                                                           if it has none
 other 5xx, 408, bad body          the server's             retry with backoff and jitter,
                                                            then eject and fail over
 ================================  =======================  ===============================
+
+What one job learns about a server is kept in the process's :class:`HealthChecker`, so no
+other job of the run (or of later runs) is sent to a server that is out. Every attempt is
+recorded in the result's ``tries``.
 
 Bodies are read plain or wrapped as ``{"json": ...}``, the form a server built on oRPC's RPC
 handler answers in (see ``_orpc``): the same rules apply to what is inside.
@@ -41,9 +49,18 @@ from pydantic import ValidationError
 
 from runners_orchestrator._orpc import unwrap
 from runners_orchestrator.balancing import LOCAL_LOAD, LoadBalancer, LocalLoad, candidates_for
-from runners_orchestrator.models import ExecuteResponse, JobResult, RunnerJob, RunnerResult
+from runners_orchestrator.models import (
+    Attempt,
+    AttemptOutcome,
+    ExecuteResponse,
+    JobResult,
+    RunnerJob,
+    RunnerResult,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from runners_orchestrator.registry import AvailableServer, HealthChecker, ServerPool
     from runners_orchestrator.settings import OrchestratorSettings
 
@@ -53,6 +70,9 @@ JOB_FAULT_CODES = frozenset({"RUNNER_NOT_FOUND", "INPUT_VALIDATION_FAILED", "BAD
 """Error codes that mean the job itself is wrong: retrying or failing over cannot help."""
 
 USER_AGENT = "runners-orchestrator/0.1"
+
+TRIAL_POLL = 0.02
+"""How often a job waiting for a server's trial to end looks again (seconds)."""
 
 _clients: WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = WeakKeyDictionary()
 
@@ -83,6 +103,7 @@ class RetryPolicy:
     backoff: float = 0.2
     backoff_max: float = 5.0
     request_timeout: float = 45.0
+    connect_timeout: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: OrchestratorSettings) -> RetryPolicy:
@@ -92,6 +113,7 @@ class RetryPolicy:
             backoff=settings.retry_backoff,
             backoff_max=settings.retry_backoff_max,
             request_timeout=settings.request_timeout,
+            connect_timeout=settings.connect_timeout,
         )
 
     def delay(self, attempt: int) -> float:
@@ -102,10 +124,12 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class _Answer:
-    kind: Literal["ok", "job_fault", "server_fault", "server_down", "busy"]
+    kind: Literal["ok", "job_fault", "server_fault", "server_down", "server_hung", "busy"]
+    outcome: AttemptOutcome
     results: list[RunnerResult] = field(default_factory=list)
     reason: str = ""
     retry_after: float = 0.0
+    status: int | None = None
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -143,29 +167,47 @@ def _error_code(response: httpx.Response) -> tuple[str | None, str]:
     return code, message
 
 
-async def post_job(
+async def post_job(  # noqa: PLR0911 - one return per kind of answer, as the table lists
     client: httpx.AsyncClient,
     server: AvailableServer,
     job: RunnerJob,
     job_id: str,
     timeout: float,  # noqa: ASYNC109 - a per-request timeout for httpx, not a cancel scope
+    *,
+    connect_timeout: float | None = None,
 ) -> _Answer:
-    """POST the job to the server's ``/execute`` once and judge the answer."""
+    """POST the job to the server's ``/execute`` once and judge the answer.
+
+    ``connect_timeout`` bounds the connection alone (a silent host costs that, not
+    ``timeout``); ``timeout`` bounds the rest of the request.
+    """
     body: dict[str, object] = {"url": job.url, "runners": job.runners, "runId": job_id}
     if job.input:
         body["input"] = job.input
+    connect = timeout if connect_timeout is None else min(connect_timeout, timeout)
+    limits = httpx.Timeout(timeout, connect=connect)
     try:
-        response = await client.post(f"{server.server.url}/execute", json=body, timeout=timeout)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        return _Answer("server_down", reason=f"cannot connect: {exc or type(exc).__name__}")
+        response = await client.post(f"{server.server.url}/execute", json=body, timeout=limits)
+    except httpx.ConnectTimeout:
+        return _Answer(
+            "server_down", "connect_timeout", reason=f"no connection within {connect:.1f}s"
+        )
+    except httpx.ConnectError as exc:
+        return _Answer("server_down", "refused", reason=f"cannot connect: {exc or 'refused'}")
     except httpx.TimeoutException:
-        return _Answer("server_fault", reason=f"no answer within {timeout:.1f}s")
+        return _Answer("server_hung", "timed_out", reason=f"no answer within {timeout:.1f}s")
     except httpx.TransportError as exc:
-        return _Answer("server_fault", reason=f"{type(exc).__name__}: {exc}")
+        return _Answer("server_fault", "bad_answer", reason=f"{type(exc).__name__}: {exc}")
     if response.status_code == httpx.codes.OK:
         return _judge_results(response, job)
     if response.status_code == httpx.codes.TOO_MANY_REQUESTS:
-        return _Answer("busy", reason="at capacity (429)", retry_after=_retry_after(response))
+        return _Answer(
+            "busy",
+            "busy",
+            reason="at capacity (429)",
+            retry_after=_retry_after(response),
+            status=response.status_code,
+        )
     return _judge_error(response)
 
 
@@ -173,11 +215,18 @@ def _judge_results(response: httpx.Response, job: RunnerJob) -> _Answer:
     try:
         parsed = ExecuteResponse.model_validate(unwrap(response.json())[0])
     except (ValueError, ValidationError):
-        return _Answer("server_fault", reason="answered 200 with a body that is not results")
+        return _Answer(
+            "server_fault",
+            "bad_answer",
+            reason="answered 200 with a body that is not results",
+            status=200,
+        )
     if len(parsed.results) != len(job.runners):
         return _Answer(
             "server_fault",
+            "bad_answer",
             reason=f"answered {len(parsed.results)} results for {len(job.runners)} runners",
+            status=200,
         )
     # The TypeScript server names results after its runners (or "unknown"): match them by
     # position and report the names the job asked for.
@@ -185,17 +234,22 @@ def _judge_results(response: httpx.Response, job: RunnerJob) -> _Answer:
         r.model_copy(update={"name": name})
         for r, name in zip(parsed.results, job.runners, strict=True)
     ]
-    return _Answer("ok", results=results)
+    return _Answer("ok", "ok", results=results, status=200)
 
 
 def _judge_error(response: httpx.Response) -> _Answer:
     code, message = _error_code(response)
     status = response.status_code
     if code in JOB_FAULT_CODES:
-        return _Answer("job_fault", reason=f"{code}: {message}")
+        return _Answer("job_fault", "job_error", reason=f"{code}: {message}", status=status)
     if status in {httpx.codes.BAD_REQUEST, httpx.codes.REQUEST_ENTITY_TOO_LARGE}:
-        return _Answer("job_fault", reason=f"HTTP {status}: {message}")
-    return _Answer("server_fault", reason=f"HTTP {status}{f' {code}' if code else ''}: {message}")
+        return _Answer("job_fault", "job_error", reason=f"HTTP {status}: {message}", status=status)
+    return _Answer(
+        "server_fault",
+        "server_error",
+        reason=f"HTTP {status}{f' {code}' if code else ''}: {message}",
+        status=status,
+    )
 
 
 def _now() -> datetime:
@@ -206,8 +260,10 @@ def _now() -> datetime:
 class JobExecutor:
     """Runs jobs on the servers of one lookup, with retries and failover.
 
-    One executor serves every job of a run (it remembers which servers were full), and any
-    number of jobs may run through it at once.
+    Which servers are out (ejected) or on trial is the process's :class:`HealthChecker`'s
+    knowledge, shared by every executor, so what one job learns every job uses at once.
+    Which servers answered 429 is the executor's, and any number of jobs may run through
+    it at once.
     """
 
     pool: ServerPool
@@ -217,24 +273,78 @@ class JobExecutor:
     client: httpx.AsyncClient | None = None
     local_load: LocalLoad = field(default_factory=lambda: LOCAL_LOAD)
     _busy_until: dict[str, float] = field(default_factory=dict)
-    _failed: set[str] = field(default_factory=set)
+
+    def _candidates(self, region: str | None, exclude: set[str]) -> list[AvailableServer]:
+        """Servers of the region that are not out and not excluded."""
+        return [
+            s
+            for s in candidates_for(self.pool.available, region, tuple(exclude))
+            if not self.health.is_out(s.id)
+        ]
+
+    def usable(self, server: AvailableServer) -> bool:
+        """``server`` may take a job now: not out, not full, not on another job's trial."""
+        return (
+            not self.health.is_out(server.id)
+            and not self.health.on_trial(server.id)
+            and self._busy_until.get(server.id, 0) <= time.monotonic()
+        )
 
     def select(self, region: str | None, exclude: set[str] | None = None) -> AvailableServer | None:
-        """Choose a server for a job of ``region``, skipping failed, excluded and full ones."""
-        now = time.monotonic()
-        skip = self._failed | (exclude or set())
-        candidates = candidates_for(self.pool.available, region, tuple(skip))
-        free = [s for s in candidates if self._busy_until.get(s.id, 0) <= now]
-        return self.balancer.select(free)
+        """Choose a server for a job of ``region``: not out, excluded, full or on trial."""
+        candidates = self._candidates(region, exclude or set())
+        return self.balancer.select([s for s in candidates if self.usable(s)])
 
-    def _earliest_free(self, region: str | None, exclude: set[str]) -> float | None:
-        """When the first full server of the region may take work again, if any is full."""
-        waiting = [
-            self._busy_until[s.id]
-            for s in candidates_for(self.pool.available, region, tuple(self._failed | exclude))
-            if s.id in self._busy_until
+    def has_peer(self, server: AvailableServer, region: str | None, exclude: set[str]) -> bool:
+        """Another server could take the job (maybe after a wait): failing over makes sense."""
+        return any(s.id != server.id for s in self._candidates(region, exclude))
+
+    def next_wake(self, region: str | None, exclude: set[str]) -> tuple[float, bool] | None:
+        """When a server of the region that is full, on trial or being probed may take work.
+
+        Returns:
+            ``(when, full)``: the monotonic time to look again, and whether only full (429)
+            servers are left.
+        """
+        now = time.monotonic()
+        waits: list[tuple[float, bool]] = []
+        for s in candidates_for(self.pool.available, region, tuple(exclude)):
+            if self.health.is_out(s.id):
+                if self.health.is_probing(s.id):  # it may be back in a moment
+                    waits.append((now + TRIAL_POLL, False))
+            elif self._busy_until.get(s.id, 0) > now:
+                waits.append((self._busy_until[s.id], True))
+            elif self.health.on_trial(s.id):
+                waits.append((now + TRIAL_POLL, False))
+        return min(waits) if waits else None
+
+    def why_none(self, region: str | None) -> str:
+        """Why no server can take a job of ``region``, counting those ejected during the run."""
+        out = [
+            f"{s.id}: {self.health.why_out(s.id)}"
+            for s in self.pool.in_region(region)
+            if self.health.is_out(s.id)
         ]
-        return min(waiting) if waiting else None
+        if not out:
+            return self.pool.why_none(region)
+        where = f"in region {region!r}" if region else "in any region"
+        before = [u for u in self.pool.unavailable if region is None or u.region == region]
+        detail = "; ".join(out + [f"{u.id}: {u.reason}" for u in before])
+        return f"no healthy runner server {where} ({detail})"
+
+    def start_due_probes(self, region: str | None) -> Awaitable[object] | None:
+        """Probe again, in the background, the ejected servers of the region that are due.
+
+        Returns the probes to await when the job ends (they take at most the health
+        timeout), or ``None`` when none was due or another job probes them already.
+        """
+        due = [s for s in self.pool.in_region(region) if self.health.claim_probe(s.id)]
+        if not due:
+            return None
+        client = self.client or runner_client()
+        return asyncio.ensure_future(
+            asyncio.gather(*(self.health.reprobe(client, s.server) for s in due))
+        )
 
     async def run(
         self,
@@ -245,12 +355,16 @@ class JobExecutor:
         first: AvailableServer | None = None,
     ) -> JobResult:
         """Run ``job`` to a :class:`JobResult`; never raises for what servers do."""
-        return await _JobRun(self, job, job_id, timeout).run(first)
+        probes = self.start_due_probes(job.region)
+        try:
+            return await _JobRun(self, job, job_id, timeout).run(first)
+        finally:
+            if probes is not None:
+                await probes
 
     def server_failed(self, server: AvailableServer, reason: str) -> None:
-        """No other job of the run should try ``server``; later runs skip it for a while."""
+        """No job should try ``server`` until a probe brings it back."""
         self.health.eject(server.id, reason)
-        self._failed.add(server.id)
 
     def server_busy(self, server: AvailableServer, retry_after: float) -> None:
         """``server`` is full: leave it alone for ``retry_after`` seconds."""
@@ -268,68 +382,107 @@ class _JobRun:
         self.client = executor.client or runner_client()
         self.started_at = _now()
         self.deadline = time.monotonic() + timeout
-        self.attempts = 0
-        self.tried: list[str] = []
+        self.tries: list[Attempt] = []
         self.problems: list[str] = []
         self.dead: set[str] = set()
 
     async def run(self, first: AvailableServer | None) -> JobResult:
-        server = first or self.executor.select(self.job.region)
+        region = self.job.region
+        server = first if first is not None and self.executor.usable(first) else None
+        server = server or self.executor.select(region)
         while True:
             if server is None:
-                wake = self.executor._earliest_free(self.job.region, self.dead)  # noqa: SLF001
+                wake = self.executor.next_wake(region, self.dead)
                 if wake is not None:
-                    if wake >= self.deadline:
-                        # Only full servers are left, and none frees up before the deadline.
-                        self.problems.append("every runner server left was at capacity (429)")
+                    when, full = wake
+                    if when >= self.deadline:
+                        # Only busy servers are left, and none frees up before the deadline.
+                        if full:
+                            self.problems.append("every runner server left was at capacity (429)")
                         return self.timed_out()
-                    await asyncio.sleep(max(0.0, wake - time.monotonic()))
-                    server = self.executor.select(self.job.region, self.dead)
+                    await asyncio.sleep(max(0.0, when - time.monotonic()))
+                    server = self.executor.select(region, self.dead)
                     continue
                 return self.give_up()
             outcome = await self.try_server(server)
             if outcome is not None:
                 return outcome
-            server = self.executor.select(self.job.region, self.dead)
+            server = self.executor.select(region, self.dead)
+
+    async def attempt(self, server: AvailableServer, timeout: float) -> _Answer:  # noqa: ASYNC109
+        """One request to ``server``, recorded in ``tries``."""
+        executor = self.executor
+        started = time.monotonic()
+        with executor.local_load.track(server.id), executor.health.attempt(server.id):
+            answer = await post_job(
+                self.client,
+                server,
+                self.job,
+                self.job_id,
+                timeout,
+                connect_timeout=executor.policy.connect_timeout,
+            )
+        if answer.status is not None:
+            executor.health.confirm(server.id)  # it answered: its trial is over
+        self.tries.append(
+            Attempt(
+                server=server.id,
+                outcome=answer.outcome,
+                duration_ms=round((time.monotonic() - started) * 1000),
+                status=answer.status,
+                error=answer.reason or None,
+            )
+        )
+        return answer
 
     async def try_server(self, server: AvailableServer) -> JobResult | None:
         """Attempt the job on ``server``; ``None`` means: go on with another server."""
-        if server.id not in self.tried:
-            self.tried.append(server.id)
-        policy = self.executor.policy
-        answer = _Answer("server_fault")
+        executor = self.executor
+        policy = executor.policy
+        answer: _Answer | None = None
         for attempt in range(1, policy.max_attempts + 1):
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 return self.timed_out()
-            self.attempts += 1
-            with self.executor.local_load.track(server.id):
-                timeout = min(policy.request_timeout, remaining)
-                answer = await post_job(self.client, server, self.job, self.job_id, timeout)
+            answer = await self.attempt(server, min(policy.request_timeout, remaining))
             if answer.kind == "ok":
-                self.executor.health.restore(server.id)
+                executor.health.restore(server.id)
                 return self.finish("completed", answer.results, where=server)
             if answer.kind == "job_fault":
                 return self.finish("failed", error=answer.reason, where=server)
             if answer.kind == "busy":
-                self.executor.server_busy(server, answer.retry_after)
+                executor.server_busy(server, answer.retry_after)
                 return None
-            self.problems.append(f"{server.id}: {answer.reason}")
-            if answer.kind == "server_down" or time.monotonic() >= self.deadline:
+            if self.leave_now(server, answer):
                 break
             if attempt < policy.max_attempts:
                 await asyncio.sleep(min(policy.delay(attempt), self.deadline - time.monotonic()))
         if time.monotonic() >= self.deadline:
             return self.timed_out()
-        self.executor.server_failed(server, answer.reason)
+        executor.server_failed(server, answer.reason if answer else "failed")
         self.dead.add(server.id)
         return None
+
+    def leave_now(self, server: AvailableServer, answer: _Answer) -> bool:
+        """Note a failed attempt; ``True`` when the job should not try ``server`` again."""
+        problem = f"{server.id}: {answer.reason}"
+        if problem not in self.problems:
+            self.problems.append(problem)
+        if answer.kind == "server_down":
+            # Unambiguous: no job should wait on this server until a probe says so.
+            self.executor.server_failed(server, answer.reason)
+        gone = answer.kind in {"server_down", "server_hung"} or self.executor.health.is_out(
+            server.id  # another job found it down: no point retrying it
+        )
+        if gone and self.executor.has_peer(server, self.job.region, self.dead):
+            return True  # a peer now beats another wait on this one
+        return time.monotonic() >= self.deadline
 
     def give_up(self) -> JobResult:
         if time.monotonic() >= self.deadline:
             return self.timed_out()
-        if not self.tried:
-            return self.finish("failed", error=self.executor.pool.why_none(self.job.region))
+        if not self.tries:
+            return self.finish("failed", error=self.executor.why_none(self.job.region))
         return self.finish(
             "failed", error="every runner server failed: " + "; ".join(self.problems)
         )
@@ -354,12 +507,13 @@ class _JobRun:
         return JobResult(
             job_id=self.job_id,
             job=self.job,
-            server=where.id if where else (self.tried[-1] if self.tried else None),
+            server=where.id if where else (self.tries[-1].server if self.tries else None),
             region=where.region if where else self.job.region,
             state=state,
             results=results,
             error=error,
-            attempts=self.attempts,
+            attempts=len(self.tries),
+            tries=self.tries,
             started_at=self.started_at,
             completed_at=completed_at,
             duration_ms=round((completed_at - self.started_at).total_seconds() * 1000),

@@ -25,6 +25,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "Attempt",
+    "AttemptOutcome",
     "ErrorEnvelope",
     "ExecuteRequest",
     "ExecuteResponse",
@@ -48,6 +50,30 @@ RunnerStatus = Literal["pass", "fail", "error"]
 
 JobState = Literal["completed", "failed", "timed_out"]
 """Outcome of one job: it ran (whatever its checks said), or it was given up and why."""
+
+AttemptOutcome = Literal[
+    "ok",
+    "refused",
+    "connect_timeout",
+    "timed_out",
+    "busy",
+    "server_error",
+    "bad_answer",
+    "job_error",
+]
+"""How one attempt of a job on one server ended.
+
+``ok`` results came back; ``refused`` the server could not be connected to (connection
+refused, reset, unreachable); ``connect_timeout`` no connection within ``connect_timeout``
+(a silent host); ``timed_out`` connected but no answer within ``request_timeout``; ``busy`` a
+429 (the server was full); ``server_error`` a 5xx or 408; ``bad_answer`` a 200 whose body was
+not the results asked for; ``job_error`` the server said the job itself is wrong.
+"""
+
+FAILOVER_OUTCOMES = frozenset(
+    {"refused", "connect_timeout", "timed_out", "server_error", "bad_answer"}
+)
+"""Outcomes after which moving to another server is a failover (a 429 is load spreading)."""
 
 _ALLOWED_SCHEMES = frozenset({"http", "https"})
 
@@ -155,13 +181,29 @@ class SummaryCounts(WireModel):
     passed: int = 0
     failed: int = 0
     errored: int = 0
+    failovers: int = 0
+    """Times a job moved to another server because one failed (429s are not counted)."""
+
+
+class Attempt(WireModel):
+    """One attempt of a job on one server, as :attr:`JobResult.tries` lists them."""
+
+    server: str
+    outcome: AttemptOutcome
+    duration_ms: int
+    status: int | None = None
+    """The HTTP status, when the server answered."""
+    error: str | None = None
+    """Why the attempt did not give results."""
 
 
 class JobResult(WireModel):
     """What happened to one job: where it ran, how often it was tried, and its results.
 
     ``job`` is the job as it was given, so a result says which URL it is about without
-    matching it to the request by position.
+    matching it to the request by position. ``tries`` lists every attempt in order (server,
+    outcome, duration), so a failover shows where the job went and why; ``attempts`` is
+    their number, kept for clients that read only the count.
     """
 
     job_id: str
@@ -172,9 +214,19 @@ class JobResult(WireModel):
     results: list[RunnerResult] = Field(default_factory=list)
     error: str | None = None
     attempts: int = 0
+    tries: list[Attempt] = Field(default_factory=list)
     started_at: datetime
     completed_at: datetime
     duration_ms: int
+
+    @property
+    def failovers(self) -> int:
+        """Times this job moved to another server after one failed."""
+        return sum(
+            1
+            for before, after in zip(self.tries, self.tries[1:], strict=False)
+            if before.outcome in FAILOVER_OUTCOMES and after.server != before.server
+        )
 
 
 class RunSummary(WireModel):

@@ -1,17 +1,28 @@
 """Which runner servers exist, and which of them are healthy right now.
 
 A registry lists servers (:class:`Registry`); :class:`HealthChecker` probes their
-``/health`` concurrently with a short timeout and keeps failing servers out for a while,
-the way Envoy ejects outliers: a server that refuses connections or answers not-ok is
-skipped for ``ejection_seconds`` times the number of consecutive ejections (capped), then
-probed again. Ejection state is per process: every flow process learns on its own, which
-costs at most one failed probe per server per ejection period.
+``/health`` concurrently with a short timeout and keeps what it learns for the whole
+process, so every job of every run sees it:
+
+- a server that fails (a probe, or a job's connection error or timeout) is **ejected**: no
+  job is sent to it until a probe brings it back. One failure streak is one ejection: more
+  jobs failing on a server already out change nothing. It is probed again
+  ``ejection_seconds`` after it went out, then after ``ejection_seconds`` times one more than
+  the number of failed probes (at most ten times), the way Envoy ejects outliers;
+- a server is **confirmed** once it answered over HTTP (a probe or a job, even a 429)
+  since it last failed. A
+  server that is not confirmed takes one job at a time, a trial: a silent server costs one
+  job its ``connect_timeout``, not one per job in flight.
+
+Ejection state is per process: every flow process learns on its own, which costs at most
+one failed probe or trial per server per process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -23,7 +34,7 @@ from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.settings import RegistryConfig, ServerConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 __all__ = [
     "AvailableServer",
@@ -138,20 +149,38 @@ class ServerPool(BaseModel):
 @dataclass
 class _Ejection:
     until: float
+    """When the server is due for its next probe."""
     count: int
+    """Failed probes in this streak, plus one: the multiplier of the next wait."""
     reason: str
 
 
 @dataclass
 class HealthChecker:
-    """Probes servers and remembers which ones to skip for now (per process)."""
+    """Probes servers and remembers, for the whole process, which ones to leave alone."""
 
     timeout: float = 1.0
     ejection_seconds: float = 30.0
     _ejected: dict[str, _Ejection] = field(default_factory=dict)
+    _confirmed: set[str] = field(default_factory=set)
+    _trials: dict[str, int] = field(default_factory=dict)
+    _probing: set[str] = field(default_factory=set)
 
     def eject(self, server_id: str, reason: str) -> None:
-        """Skip ``server_id`` for a while; longer each time it fails in a row."""
+        """Leave ``server_id`` out until a probe brings it back.
+
+        A server already out stays out as it was: jobs that were in flight to it when it
+        failed do not extend its ejection (one ejection per failure streak).
+        """
+        self._confirmed.discard(server_id)
+        if server_id not in self._ejected:
+            self._ejected[server_id] = _Ejection(
+                until=time.monotonic() + self.ejection_seconds, count=1, reason=reason
+            )
+
+    def probe_failed(self, server_id: str, reason: str) -> None:
+        """A probe found ``server_id`` still down: probe again later, a little later each time."""
+        self._confirmed.discard(server_id)
         previous = self._ejected.get(server_id)
         count = min((previous.count if previous else 0) + 1, MAX_EJECTION_MULTIPLIER)
         self._ejected[server_id] = _Ejection(
@@ -161,14 +190,88 @@ class HealthChecker:
     def restore(self, server_id: str) -> None:
         """Forget a server's failures: it answered."""
         self._ejected.pop(server_id, None)
+        self._confirmed.add(server_id)
+
+    def confirm(self, server_id: str) -> None:
+        """``server_id`` answered over HTTP (whatever it said): it takes connections again.
+
+        Unlike :meth:`restore`, this does not bring back a server that is out; a 429 or a
+        5xx proves the server is reachable, not that it works.
+        """
+        if server_id not in self._ejected:
+            self._confirmed.add(server_id)
+
+    def is_out(self, server_id: str) -> bool:
+        """``server_id`` is ejected: no job may use it until a probe brings it back."""
+        return server_id in self._ejected
+
+    def is_due(self, server_id: str) -> bool:
+        """``server_id`` is out, its next probe is due, and no probe of it is running."""
+        ejection = self._ejected.get(server_id)
+        return (
+            ejection is not None
+            and ejection.until <= time.monotonic()
+            and server_id not in self._probing
+        )
 
     def ejected_reason(self, server_id: str) -> str | None:
-        """Why ``server_id`` is skipped right now, or ``None`` if it may be used."""
+        """Why ``server_id`` is skipped until its next probe, or ``None`` if it may be probed."""
         ejection = self._ejected.get(server_id)
         if ejection is None or ejection.until <= time.monotonic():
             return None
         left = ejection.until - time.monotonic()
-        return f"{ejection.reason} (skipped for another {left:.0f}s)"
+        return f"{ejection.reason} (probed again in {left:.0f}s)"
+
+    def on_trial(self, server_id: str) -> bool:
+        """``server_id`` is not confirmed and a job is trying it: others should wait or go on."""
+        return server_id not in self._confirmed and self._trials.get(server_id, 0) > 0
+
+    @contextmanager
+    def attempt(self, server_id: str) -> Iterator[None]:
+        """Count an attempt on a server that is not confirmed as its trial while it runs."""
+        trial = server_id not in self._confirmed
+        if trial:
+            self._trials[server_id] = self._trials.get(server_id, 0) + 1
+        try:
+            yield
+        finally:
+            if trial:
+                self._trials[server_id] -= 1
+
+    def is_probing(self, server_id: str) -> bool:
+        """A probe of the ejected ``server_id`` is running: it may be back in a moment."""
+        return server_id in self._probing
+
+    def claim_probe(self, server_id: str) -> bool:
+        """Take the due probe of ``server_id`` for the caller (then :meth:`reprobe` it).
+
+        ``False`` when it is not due or someone else probes it: one probe at a time.
+        """
+        if not self.is_due(server_id):
+            return False
+        self._probing.add(server_id)
+        return True
+
+    def why_out(self, server_id: str) -> str | None:
+        """The reason ``server_id`` is ejected, however soon its next probe is."""
+        ejection = self._ejected.get(server_id)
+        return ejection.reason if ejection else None
+
+    async def reprobe(self, client: httpx.AsyncClient, server: ServerConfig) -> bool:
+        """Probe an ejected server claimed with :meth:`claim_probe`; bring it back if it answers.
+
+        Returns:
+            ``True`` if the server answered and may take jobs again.
+        """
+        try:
+            outcome = await self.probe(client, server)
+        finally:
+            self._probing.discard(server.id)
+        if isinstance(outcome, AvailableServer):
+            self.restore(server.id)
+            return True
+        self.probe_failed(server.id, outcome)
+        return False
 
     async def probe(
         self, client: httpx.AsyncClient, server: ServerConfig, local_in_flight: int = 0
@@ -240,7 +343,7 @@ class HealthChecker:
                 self.restore(server.id)
                 pool.available.append(outcome)
             else:
-                self.eject(server.id, outcome)
+                self.probe_failed(server.id, outcome)
                 pool.unavailable.append(
                     UnavailableServer(id=server.id, region=server.region, reason=outcome)
                 )

@@ -2,8 +2,10 @@
 
 - a **progress** artifact, updated as jobs finish (at most every half second), which the
   CLI's ``run --wait`` reads for its progress bar;
-- a **table** artifact with one row per job and runner: URL, server, region, status, duration;
-- a **markdown** summary: the counts, and every job that could not run, with its reason.
+- a **table** artifact with one row per job and runner: URL, server, region, status, duration,
+  and the way a job took when it had to try more than one server;
+- a **markdown** summary: the counts (failovers included), every job that could not run with
+  its reason, and every job that failed over with its tries.
 
 All of it is skipped outside a Prefect run, so the steps stay testable without Prefect.
 """
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
     from prefect.client.orchestration import PrefectClient
 
-    from runners_orchestrator.models import RunSummary
+    from runners_orchestrator.models import JobResult, RunSummary
 
 __all__ = [
     "ProgressReporter",
@@ -95,8 +97,18 @@ class ProgressReporter:
                 logger.warning("could not update the progress artifact", exc_info=True)
 
 
+def tries_path(job: JobResult) -> str:
+    """``us-0 refused → us-1 ok``: where a job went, when it tried more than one server."""
+    if len({t.server for t in job.tries}) < 2:  # noqa: PLR2004 - one server: nothing to show
+        return ""
+    return " → ".join(f"{t.server} {t.outcome}" for t in job.tries)
+
+
 def results_table(summary: RunSummary) -> list[dict[str, object]]:
-    """One row per job and runner: URL, runner, status, server, region, duration, detail."""
+    """One row per job and runner: URL, runner, status, server, region, duration, detail.
+
+    ``tries`` shows the servers a job went through when it failed over or was turned away.
+    """
     return [
         {
             "job": outcome.job_id,
@@ -107,6 +119,7 @@ def results_table(summary: RunSummary) -> list[dict[str, object]]:
             "region": outcome.region or "",
             "duration_ms": "" if result.duration_ms is None else result.duration_ms,
             "detail": result.error_message or "",
+            "tries": tries_path(outcome),
         }
         for outcome in summary.jobs
         for result in outcome.results
@@ -122,7 +135,8 @@ def summary_markdown(summary: RunSummary) -> str:
         (
             f"**{counts.total}** checks in **{len(summary.jobs)}** jobs: "
             f"✅ {counts.passed} passed · ❌ {counts.failed} failed · "
-            f"⚠️ {counts.errored} errored · {summary.duration_ms / 1000:.1f} s"
+            f"⚠️ {counts.errored} errored · 🔀 {counts.failovers} failovers · "
+            f"{summary.duration_ms / 1000:.1f} s"
         ),
     ]
     given_up = [job for job in summary.jobs if job.state != "completed"]
@@ -133,7 +147,22 @@ def summary_markdown(summary: RunSummary) -> str:
         ]
         if len(given_up) > 50:  # noqa: PLR2004 - keep the page readable
             lines.append(f"- … and {len(given_up) - 50} more")
+    moved = [job for job in summary.jobs if job.failovers]
+    if moved:
+        lines += ["", "### Jobs that failed over", ""]
+        lines += [f"- `{job.job_id}` {job.job.url}: {_tries_detail(job)}" for job in moved[:50]]
+        if len(moved) > 50:  # noqa: PLR2004 - keep the page readable
+            lines.append(f"- … and {len(moved) - 50} more")
     return "\n".join(lines)
+
+
+def _tries_detail(job: JobResult) -> str:
+    return " → ".join(
+        f"{t.server} {t.outcome}"
+        + (f" ({t.error})" if t.error and t.outcome != "ok" else "")
+        + f" {t.duration_ms} ms"
+        for t in job.tries
+    )
 
 
 async def publish_summary(summary: RunSummary) -> None:

@@ -178,6 +178,12 @@ class OrchestratorSettings(BaseSettings):
         gt=0,
         description="Seconds one execute request may take before the server counts as failed.",
     )
+    connect_timeout: float = Field(
+        default=3.0,
+        gt=0,
+        description="Seconds to connect to a runner server before it counts as down (a silent "
+        "host costs this, once: it is then ejected and its jobs fail over).",
+    )
     health_timeout: float = Field(default=1.0, gt=0, description="Seconds a health probe may take.")
     ejection_seconds: float = Field(
         default=30.0,

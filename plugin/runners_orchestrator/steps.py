@@ -8,8 +8,9 @@ record them. Tasks use ``cache_policy=NONE``: a check must run again when asked 
 
 Granularity (measured; see ``docs/architecture.md``): a Prefect task costs a few
 milliseconds of bookkeeping and events, more than the HTTP request of a check. Up to
-``task_per_job_limit`` jobs, every job gets its own ``select_best_server`` and
-``execute_runner`` task runs, so each is visible in the UI; above it, jobs run in
+``task_per_job_limit`` jobs, every job gets its own ``execute_runner`` task run, named for
+the job and the server chosen for it (the choice is ``select_best_server``'s logic, called
+plainly), so each is visible in the UI; above it, jobs run in
 ``execute_runner_batch`` tasks of ``batch_size`` jobs, under the same sliding window, and
 every job's outcome is still in the returned results.
 """
@@ -308,6 +309,7 @@ def summarise(
                 counts.failed += 1
             else:
                 counts.errored += 1
+        counts.failovers += result.failovers
     completed_at = datetime.now(UTC)
     started = created_at or min((r.started_at for r in results), default=completed_at)
     return RunSummary(
@@ -367,7 +369,10 @@ async def _run_jobs(
 
         async def one(job_id: str, job: RunnerJob) -> JobResult:
             async with window:
-                server = await select_best_server(servers, balancer, job.region)
+                # The choice is a plain call, not a task run of its own: a task run costs
+                # the Prefect server more than the choice (see docs/benchmarks.md), and the
+                # execute_runner task run is named for the server chosen.
+                server = await select_best_server.fn(servers, balancer, job.region)
                 result = await execute_runner(
                     server,
                     job,

@@ -155,7 +155,13 @@ async def test_seed_curl_sequence(api, stack):
     assert done.status_code == 200, done.text
     summary = done.json()
     assert summary["runId"] == run_id
-    assert summary["summary"] == {"total": 3, "passed": 3, "failed": 0, "errored": 0}
+    assert summary["summary"] == {
+        "total": 3,
+        "passed": 3,
+        "failed": 0,
+        "errored": 0,
+        "failovers": 0,
+    }
     assert [j["region"] for j in summary["jobs"]] == ["us-east-1", "eu-west-1"]
     assert [j["job"] for j in summary["jobs"]] == jobs  # every result names its job
     assert "errorMessage" not in summary["jobs"][0]["results"][0]  # unset fields are left out

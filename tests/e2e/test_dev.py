@@ -192,7 +192,13 @@ def test_seed_curl_sequence_and_a_burst_of_starts(dev, pages):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert done.status_code == 200
-    assert done.json()["summary"] == {"total": 3, "passed": 2, "failed": 1, "errored": 0}
+    assert done.json()["summary"] == {
+        "total": 3,
+        "passed": 2,
+        "failed": 1,
+        "errored": 0,
+        "failovers": 0,
+    }
 
     # A bounded burst: Prefect's SQLite "database is locked" must never reach a user.
     burst = [

@@ -103,7 +103,8 @@ def _print_results(result: Any) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(show_lines=False)
-    for column in ("job", "url", "runner", "status", "server", "region", "ms", "detail"):
+    columns = ("job", "url", "runner", "status", "server", "region", "ms", "detail", "tries")
+    for column in columns:
         table.add_column(column, overflow="fold")
     colours = {"pass": "green", "fail": "red", "error": "yellow"}
     for job, check in checks(result):
@@ -119,6 +120,7 @@ def _print_results(result: Any) -> None:
             str(job.get("region") or ""),
             str(check.get("durationMs", "")),
             str(check.get("errorMessage") or job.get("error") or ""),
+            _tries(job),
         )
     console = Console() if sys.stdout.isatty() else Console(width=200)  # CI logs: no folding
     console.print(table)
@@ -128,6 +130,14 @@ def _print_results(result: Any) -> None:
             f"{counts.get('total')} checks: {counts.get('passed')} passed, "
             f"{counts.get('failed')} failed, {counts.get('errored')} errored"
         )
+
+
+def _tries(job: dict[str, Any]) -> str:
+    """``us-0 refused → us-1 ok`` when the job went through more than one server."""
+    tries = [t for t in job.get("tries") or [] if isinstance(t, dict)]
+    if len({t.get("server") for t in tries}) < 2:  # noqa: PLR2004 - one server: nothing to show
+        return ""
+    return " → ".join(f"{t.get('server')} {t.get('outcome')}" for t in tries)
 
 
 def _waiting(message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,11 @@ async def test_runs_started_through_the_load_balancer_complete_on_either_server(
 
 
 async def test_200_concurrent_orchestrations_never_exceed_runner_capacity(topology, pages):
-    """200 runs of 5 jobs through the load balancer, 4 runner servers of capacity 4."""
+    """200 runs of 5 jobs through the load balancer, 4 runner servers of capacity 4.
+
+    ``ORCHESTRATOR_TEST_LOAD_RUNS`` changes the number of runs (CI keeps 200).
+    """
+    runs = int(os.environ.get("ORCHESTRATOR_TEST_LOAD_RUNS", "200"))
     async with httpx.AsyncClient(
         base_url=topology.api, timeout=120, limits=httpx.Limits(max_connections=50)
     ) as http:
@@ -105,19 +110,22 @@ async def test_200_concurrent_orchestrations_never_exceed_runner_capacity(topolo
             summary = await wait_result(http, run_id, timeout=500, every=2)
             return run_id, time.monotonic() - began, summary
 
-        outcomes = await asyncio.gather(*(one(i) for i in range(200)))
-    latencies = sorted(elapsed for _, elapsed, _ in outcomes)
+        began_all = time.monotonic()
+        outcomes = await asyncio.gather(*(one(i) for i in range(runs)))
+    elapsed = time.monotonic() - began_all
+    latencies = sorted(took for _, took, _ in outcomes)
     jobs = [job for _, _, summary in outcomes for job in summary["jobs"]]
-    assert len(jobs) == 1000  # zero jobs missing
+    assert len(jobs) == 5 * runs  # zero jobs missing
     assert {job["state"] for job in jobs} == {"completed"}
     health = runner_health(topology)
     assert all(h["peakInFlight"] <= h["capacity"] for h in health), health
-    assert sum(h["served"] for h in health) >= 1000
+    assert sum(h["served"] for h in health) >= 5 * runs
     p50 = statistics.median(latencies)
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     print(  # noqa: T201 - the figures for docs/scaling.md, seen with -s
-        f"200 runs x 5 jobs: submit->result p50 {p50:.2f}s p99 {p99:.2f}s; runner peaks "
-        f"{[h['peakInFlight'] for h in health]}, 429s {[h['refused'] for h in health]}"
+        f"{runs} runs x 5 jobs in {elapsed:.1f}s: submit->result p50 {p50:.2f}s "
+        f"p99 {p99:.2f}s; runner peaks {[h['peakInFlight'] for h in health]}, "
+        f"429s {[h['refused'] for h in health]}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -103,6 +104,10 @@ PAGES: dict[str, str] = {
 _barriers: dict[str, threading.Barrier] = {}
 _barriers_lock = threading.Lock()
 
+HITS: collections.Counter[str] = collections.Counter()
+"""Requests each page path (with its query) received, across every PageServer."""
+_hits_lock = threading.Lock()
+
 
 def _barrier(key: str, parties: int) -> threading.Barrier:
     with _barriers_lock:
@@ -113,6 +118,8 @@ class _PageHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        with _hits_lock:
+            HITS[self.path] += 1
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         if parts.path == "/redirect":

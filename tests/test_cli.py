@@ -26,7 +26,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_runner_server_command_serves_the_contract(cli_runner_server, pages):
     health = httpx.get(f"{cli_runner_server}/api/runner/health").json()
-    assert health == {"status": "ok", "region": "us-east-1", "inFlight": 0, "capacity": 4}
+    assert health == {
+        "status": "ok",
+        "region": "us-east-1",
+        "inFlight": 0,
+        "capacity": 4,
+        "peakInFlight": 0,
+        "served": 0,
+        "refused": 0,
+    }
     response = httpx.post(
         f"{cli_runner_server}/api/runner/execute",
         json={"url": pages.url("/banner-visible"), "runners": ["cookieBannerVisibleTest"]},

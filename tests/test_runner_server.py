@@ -421,7 +421,9 @@ async def test_over_capacity_answers_429_with_retry_after(client, pages: PageSer
         bad = await asyncio.gather(*(execute(client, base, {"runners": []}) for _ in range(4)))
         assert {r.status_code for r in bad} <= {400, 429}
         health = (await client.get(f"{base}/api/runner/health")).json()
-    assert health == {"status": "ok", "inFlight": 0, "capacity": 2}
+    assert (health["inFlight"], health["capacity"], health["peakInFlight"]) == (0, 2, 2)
+    assert health["served"] + health["refused"] == 12  # every request counted once
+    assert health["refused"] == statuses.count(429) + sum(r.status_code == 429 for r in bad)
 
 
 async def test_over_capacity_answers_in_the_form_of_the_request(client, pages: PageServer):
@@ -461,8 +463,16 @@ async def test_health_reports_in_flight_live(client, pages: PageServer):
         during = (await client.get(f"{base}/api/runner/health")).json()
         await asyncio.gather(*pending)
         after = (await client.get(f"{base}/api/runner/health")).json()
-    assert during == {"status": "ok", "region": "eu-west-1", "inFlight": 3, "capacity": 5}
-    assert after["inFlight"] == 0
+    assert during == {
+        "status": "ok",
+        "region": "eu-west-1",
+        "inFlight": 3,
+        "capacity": 5,
+        "peakInFlight": 3,
+        "served": 3,
+        "refused": 0,
+    }
+    assert (after["inFlight"], after["peakInFlight"], after["served"]) == (0, 3, 3)
 
 
 async def test_info_lists_runners_with_usage_and_engine(client, engine_url, request):

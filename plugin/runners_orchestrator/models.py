@@ -314,6 +314,12 @@ class HealthResponse(WireModel):
     region: str | None = None
     in_flight: int
     capacity: int
+    peak_in_flight: int = 0
+    """The most execute requests ever served at once since start: never above ``capacity``."""
+    served: int = 0
+    """Execute requests served since start (429s not counted)."""
+    refused: int = 0
+    """Execute requests answered 429 since start."""
 
 
 class ErrorEnvelope(WireModel):

@@ -54,9 +54,9 @@ def _in_flow_run() -> bool:
 class ProgressReporter:
     """Counts finished jobs into a progress artifact of the current flow run."""
 
-    def __init__(self, total: int, every: float = 0.5) -> None:
+    def __init__(self, total: int, every: float = 0.5, *, done: int = 0) -> None:
         self.total = total
-        self.done = 0
+        self.done = done
         self.every = every
         self._artifact: UUID | None = None
         self._last = 0.0

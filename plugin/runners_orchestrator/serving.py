@@ -37,9 +37,10 @@ import prefect.runner._starter_direct
 from prefect.runner import Runner
 
 from runners_orchestrator._imports import make_importable
+from runners_orchestrator.crash_detection import enable_heartbeats, ensure_crash_detection
 from runners_orchestrator.deployments import GENERATED_TAG
 from runners_orchestrator.discovery import discover
-from runners_orchestrator.exceptions import OrchestratorError
+from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -113,10 +114,22 @@ async def serve_flows(
     With ``forkserver`` (the default), each run's process is forked from a warm fork
     server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
     """
-    # Before the fork server starts: runs' processes unpickle flows that import the project.
+    # Before the fork server starts, so that every run's process inherits them: heartbeats,
+    # and the project importable (runs' processes unpickle flows that import the project).
+    enable_heartbeats()
     make_importable(discovery.root)
     if forkserver:
         use_forkserver()
+    try:
+        await ensure_crash_detection()
+    except ConfigurationError:
+        raise
+    except Exception:  # an old or locked-down Prefect server: serve anyway, say what is lost
+        logger.warning(
+            "could not create the crash-detection automation: a run whose process dies "
+            "stays RUNNING until someone marks it",
+            exc_info=True,
+        )
     runner = Runner(
         name=f"runners-orchestrator-{os.getpid()}",
         query_seconds=query_seconds,

@@ -30,6 +30,7 @@ from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
 
 from runners_orchestrator.balancing import LOCAL_LOAD, load_balancer_from_config
+from runners_orchestrator.checkpoints import Checkpoint
 from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.execution import JobExecutor, RetryPolicy, job_label, runner_client
 from runners_orchestrator.models import (
@@ -227,6 +228,7 @@ async def execute_runner_batch(
     window: asyncio.Semaphore,
     *,
     progress: ProgressReporter | None = None,
+    checkpoint: Checkpoint | None = None,
     label: str = "",
     load_balancer: LoadBalancerConfig | str | None = None,
     timeout_ms: int | None = None,
@@ -238,6 +240,7 @@ async def execute_runner_batch(
         servers: the result of ``find_available_servers``.
         window: the run's semaphore: a job starts when any job of the run ends.
         progress: counts finished jobs for the run page and ``run --wait``.
+        checkpoint: keeps each completed job, so that a retry of the run skips it.
         label: shown in the task-run name.
         load_balancer: how servers are chosen.
         timeout_ms: the per-job timeout for jobs without one.
@@ -252,6 +255,8 @@ async def execute_runner_batch(
         async with window:
             result = await executor.run(job, job_id, timeout=_job_timeout(job, timeout_ms))
         _log_outcome(result)
+        if checkpoint is not None:
+            checkpoint.record(result)
         if progress is not None:
             await progress.job_done()
         return result
@@ -331,13 +336,35 @@ async def dispatch_jobs(
     options = options or OrchestrateOptions()
     settings = get_settings()
     window = asyncio.Semaphore(options.max_concurrency or settings.max_concurrency)
-    balancer = options.load_balancer
     if options.region is not None:
         jobs = [j if j.region else j.model_copy(update={"region": options.region}) for j in jobs]
     numbered = [(f"job-{index}", job) for index, job in enumerate(jobs, start=1)]
-    progress = ProgressReporter(len(numbered))
+    checkpoint = Checkpoint.current()
+    done = await checkpoint.completed(numbered)  # a retried run skips what it completed
+    todo = [(job_id, job) for job_id, job in numbered if job_id not in done]
+    progress = ProgressReporter(len(numbered), done=len(done))
     await progress.start()
+    try:
+        fresh = await _run_jobs(
+            todo, servers, options, window=window, progress=progress, checkpoint=checkpoint
+        )
+    finally:
+        await checkpoint.close()
+    by_id = {**done, **{result.job_id: result for result in fresh}}
+    return [by_id[job_id] for job_id, _ in numbered]
 
+
+async def _run_jobs(
+    numbered: list[tuple[str, RunnerJob]],
+    servers: ServerPool,
+    options: OrchestrateOptions,
+    *,
+    window: asyncio.Semaphore,
+    progress: ProgressReporter,
+    checkpoint: Checkpoint,
+) -> list[JobResult]:
+    settings = get_settings()
+    balancer = options.load_balancer
     if len(numbered) <= settings.task_per_job_limit:
 
         async def one(job_id: str, job: RunnerJob) -> JobResult:
@@ -354,6 +381,7 @@ async def dispatch_jobs(
                     load_balancer=balancer,
                     timeout_ms=options.timeout,
                 )
+            checkpoint.record(result)
             await progress.job_done()
             return result
 
@@ -368,6 +396,7 @@ async def dispatch_jobs(
                 servers,
                 window,
                 progress=progress,
+                checkpoint=checkpoint,
                 label=f"{n}/{len(batches)} · jobs {batch[0][0]}…{batch[-1][0]}",
                 load_balancer=balancer,
                 timeout_ms=options.timeout,

@@ -339,6 +339,8 @@ async def test_cancel_a_slow_run(api, stack):
     while (await api.get(run["statusUrl"])).json().get("status") != "running":
         assert time.monotonic() < deadline, "the run never started"
         await asyncio.sleep(0.1)
+    too_soon = await api.post(f"{PREFIX}/runs/{run['runId']}/retry")
+    assert (too_soon.status_code, too_soon.json()["error"]) == (409, "run_not_retryable")
     cancelled = await api.post(f"{PREFIX}/runs/{run['runId']}/cancel")
     assert cancelled.status_code == 202
     assert cancelled.json() == {"runId": run["runId"], "status": "cancelling"}
@@ -349,6 +351,14 @@ async def test_cancel_a_slow_run(api, stack):
     assert envelope["status"] == "cancelled"
     again = await api.post(f"{PREFIX}/runs/{run['runId']}/cancel")
     assert (again.status_code, again.json()["error"]) == (409, "run_finished")
+    # A cancelled run can be retried: the same run is scheduled again.
+    retried = await api.post(f"{PREFIX}/runs/{run['runId']}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json() == {"runId": run["runId"], "status": "pending"}
+    assert (await api.get(run["statusUrl"])).status_code == 202  # pending or running again
+    await api.post(f"{PREFIX}/runs/{run['runId']}/cancel")  # leave nothing running
+    bad = await api.post(f"{PREFIX}/runs/not-a-uuid/retry")
+    assert bad.status_code == 400
 
 
 async def test_token_guards_start_and_cancel(stack, prefect_server):

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["OrchestratorController"]
 
 STATUS_CODE = {"failed": 500, "crashed": 500, "cancelled": 409}
+RETRYABLE = frozenset(STATUS_CODE)
+"""Statuses of runs that ended without a result: what ``/runs/{runId}/retry`` accepts."""
 """HTTP status of the status route for runs that ended without a result."""
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -352,6 +354,43 @@ class OrchestratorController(Controller):
             "endedAt": _iso(flow_run.end_time),
             "uiUrl": orchestrator.ui_url(flow_run.id),
         }
+
+    @post(
+        "/runs/{run_id:str}/retry",
+        status_code=202,
+        summary="Retry a run that ended without completing",
+        description="Runs the same flow run again; the jobs it had completed are kept, not "
+        "run again. Only a failed, crashed or cancelled run can be retried.",
+        responses={
+            400: BAD_RUN_ID,
+            401: UNAUTHORIZED,
+            404: NOT_FOUND,
+            409: _answer("The run has not ended, or it completed: nothing to retry."),
+            503: UNAVAILABLE,
+        },
+    )
+    async def retry(
+        self,
+        *,
+        run_id: RunIdPath,
+        request: Request[Any, Any, Any],
+        orchestrator: Orchestrator,
+        prefect: Gateway,
+    ) -> Response[dict[str, Any]]:
+        """Schedule a failed, crashed or cancelled run again; anything else is a 409."""
+        orchestrator.authorize(request)
+        flow_run = await orchestrator.read_run(orchestrator.parse_run_id(run_id))
+        status = run_status(flow_run)
+        if status not in RETRYABLE:
+            raise ApiError(
+                409,
+                "run_not_retryable",
+                f"run {flow_run.id} is {status}: only a failed, crashed or cancelled run can be "
+                "retried",
+                {"status": status},
+            )
+        await prefect.retry(flow_run)
+        return Response({"runId": str(flow_run.id), "status": "pending"}, status_code=202)
 
     @post(
         "/runs/{run_id:str}/cancel",

@@ -300,6 +300,20 @@ class PrefectGateway:
         """``(done, total)`` jobs of a running orchestration, when it reports them."""
         return await self._call("read progress", lambda: read_progress(self.client, run_id))
 
+    async def retry(self, flow_run: FlowRun) -> None:
+        """Schedule ``flow_run`` to run again, as the Prefect UI's Retry button does.
+
+        The same flow run runs again on whichever process serves its deployment; its
+        completed jobs are kept (see ``runners_orchestrator.checkpoints``).
+        """
+        from prefect.states import AwaitingRetry  # noqa: PLC0415
+
+        state: State[Any] = AwaitingRetry(message="retried through the orchestrator API")
+        await self._call(
+            "retry flow run",
+            lambda: self.client.set_flow_run_state(flow_run.id, state, force=True),
+        )
+
     async def cancel(self, flow_run: FlowRun) -> str:
         """Ask Prefect to cancel ``flow_run``; return the state name it is now in.
 

@@ -178,6 +178,9 @@ class _RunnerServer:
                 )
         self.in_flight = 0
         self.screenshots = ScreenshotStore(config.screenshots)
+        self.peak_in_flight = 0
+        self.served = 0
+        self.refused = 0
         self._client: httpx.AsyncClient | None = None
 
     @asynccontextmanager
@@ -213,14 +216,22 @@ class _RunnerServer:
 
     def health(self) -> HealthResponse:
         return HealthResponse(
-            region=self.config.region, in_flight=self.in_flight, capacity=self.capacity
+            region=self.config.region,
+            in_flight=self.in_flight,
+            capacity=self.capacity,
+            peak_in_flight=self.peak_in_flight,
+            served=self.served,
+            refused=self.refused,
         )
 
     async def execute(self, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         # Check and take a slot before the first await, so no burst can slip past capacity.
         if self.in_flight >= self.capacity:
+            self.refused += 1
             return await self._over_capacity(request)
         self.in_flight += 1
+        self.served += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             return await self._execute(request)
         finally:

@@ -356,11 +356,11 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
         )
         try:
             page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-            await page.goto(started["uiUrl"])
-            await page.get_by_text("Artifacts", exact=True).first.click()
+            await page.goto(started["uiUrl"], timeout=60_000)
+            await page.get_by_text("Artifacts", exact=True).first.click(timeout=60_000)
             table_card = page.get_by_text("Every check: one row per job and runner.").first
-            await table_card.wait_for(timeout=30_000)
-            await page.get_by_text("jobs done: 2/2").first.wait_for(timeout=30_000)
+            await table_card.wait_for(timeout=60_000)
+            await page.get_by_text("jobs done: 2/2").first.wait_for(timeout=60_000)
             await page.screenshot(path=str(shots / "prefect-ui-run.png"))
             await table_card.click()
             for text in (
@@ -369,7 +369,7 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
                 "eu-west-1",
                 "pass",
             ):
-                await page.get_by_text(text, exact=True).first.wait_for(timeout=30_000)
+                await page.get_by_text(text, exact=True).first.wait_for(timeout=60_000)
             await page.screenshot(path=str(shots / "prefect-ui-results.png"))
         finally:
             await browser.close()

@@ -206,14 +206,23 @@ async def checkpointed_jobs(topology: ScaledTopology, run_id: str) -> set[str]:
 
 
 def serving_process_of(topology: ScaledTopology, run_id: str) -> str:
-    """Which serve-flows process runs the flow run: the one whose Prefect runner took it."""
+    """Which serve-flows process runs the flow run.
+
+    Both poll for it; the one whose claim Prefect refused logs "Aborted submission of flow
+    run '<id>'", so the other one runs it. Without a race, the one that logged it runs it.
+    """
+    names = ("flows-1", "flows-2")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for name in ("flows-1", "flows-2"):
-            if run_id in topology.processes[name].log.read_text(errors="replace"):
-                return name
+        logs = {n: topology.processes[n].log.read_text(errors="replace") for n in names}
+        aborted = [n for n in names if f"Aborted submission of flow run '{run_id}'" in logs[n]]
+        if aborted:
+            return next(n for n in names if n not in aborted)
+        mentioned = [n for n in names if run_id in logs[n]]
+        if len(mentioned) == 1:
+            return mentioned[0]
         time.sleep(0.2)
-    msg = f"no serving process logged flow run {run_id}"
+    msg = f"cannot tell which serving process runs flow run {run_id}"
     raise AssertionError(msg)
 
 

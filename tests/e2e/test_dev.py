@@ -356,6 +356,7 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
         )
         try:
             page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)  # the UI re-renders as it polls; a busy machine
             await page.goto(started["uiUrl"], timeout=60_000)
             await page.get_by_text("Artifacts", exact=True).first.click(timeout=60_000)
             table_card = page.get_by_text("Every check: one row per job and runner.").first

@@ -355,7 +355,9 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
         )
         try:
-            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            # Tall enough for the flow run's artifacts (results, progress, checkpoints) and the
+            # task runs' (the results table) on one screen.
+            page = await browser.new_page(viewport={"width": 1400, "height": 1800})
             page.set_default_timeout(60_000)  # the UI re-renders as it polls; a busy machine
             await page.goto(started["uiUrl"], timeout=60_000)
             await page.get_by_text("Artifacts", exact=True).first.click(timeout=60_000)
@@ -363,6 +365,7 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
             await table_card.wait_for(timeout=60_000)
             await page.get_by_text("jobs done: 2/2").first.wait_for(timeout=60_000)
             await page.screenshot(path=str(shots / "prefect-ui-run.png"))
+            await table_card.scroll_into_view_if_needed()
             await table_card.click()
             for text in (
                 "cookieBannerVisibleTest",

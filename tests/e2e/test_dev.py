@@ -20,6 +20,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from helpers import CLI, free_port
+from runners_orchestrator.runner_server.engines.browser import CHROMIUM_ARGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -314,16 +315,6 @@ def test_port_in_use_is_one_line_naming_the_flag():
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.mark.browser
@@ -352,7 +343,7 @@ async def test_prefect_ui_run_page_shows_the_results_table(dev, pages):
     shots.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the browser
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+            executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS)
         )
         try:
             # Tall enough for the flow run's artifacts (results, progress, checkpoints) and the

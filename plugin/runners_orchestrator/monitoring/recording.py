@@ -363,9 +363,10 @@ class Recorder:
             if await self.record(flow_run):
                 new += 1
         newest = max((r.end_time for r in runs if r.end_time), default=None)
-        if newest is not None:
+        # Written only when it moves: an idle recorder never takes SQLite's write lock.
+        if newest is not None and (cursor is None or newest > cursor):
             await self.store.set_cursor(CURSOR, newest)
-        elif cursor is None:
+        elif newest is None and cursor is None:
             await self.store.set_cursor(CURSOR, since + OVERLAP)
         return new
 

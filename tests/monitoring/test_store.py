@@ -20,6 +20,7 @@ from runners_orchestrator.monitoring.store import (
     CheckResult,
     Destination,
     HistoryStore,
+    RunRecord,
     Transition,
 )
 
@@ -201,3 +202,22 @@ def test_delivery_backoff_doubles_up_to_its_bound_then_gives_up():
 def test_a_bad_status_filter_names_itself():
     with pytest.raises(HistoryQueryError, match="status: 'broken'"):
         CheckFilter(status="broken")
+
+
+async def test_a_batch_skips_a_run_recorded_elsewhere_and_keeps_the_others(store):
+    first, second = result("fail", 0), result("fail", 1)
+    assert await record(store, first) == []
+    outcomes = await store.record_runs(
+        [
+            RunRecord(first.flow_run_id, 1, (first,)),  # recorded already: rolled back alone
+            RunRecord(second.flow_run_id, 1, (second,)),
+        ],
+        lambda suite: RULE if suite else None,
+        lambda _: {},
+    )
+    assert outcomes[0] is None
+    assert outcomes[1] == []
+    view = await check_view(store, KEY, window=timedelta(days=3660))
+    assert view is not None
+    assert view["runs"] == 2
+    assert view["failuresInRow"] == 2

@@ -38,6 +38,7 @@ from runners_orchestrator.monitoring.store import (
     AlertRule,
     CheckResult,
     Destination,
+    RunRecord,
     Status,
     Transition,
 )
@@ -73,6 +74,8 @@ OVERLAP = timedelta(seconds=60)
 FIRST_LOOKBACK = timedelta(hours=1)
 """On its very first start the recorder reads runs that ended in the hour before."""
 PAGE = 200
+BATCH = 50
+"""Runs recorded per write transaction (SQLite)."""
 
 
 def ui_base_url(api_url: str) -> str:
@@ -356,12 +359,10 @@ class Recorder:
             offset += PAGE
         runs.sort(key=lambda r: r.end_time or since)
         done = await self.store.recorded((str(r.id), r.run_count) for r in runs)
+        fresh = [r for r in runs if (str(r.id), r.run_count) not in done]
         new = 0
-        for flow_run in runs:
-            if (str(flow_run.id), flow_run.run_count) in done:
-                continue
-            if await self.record(flow_run):
-                new += 1
+        for start in range(0, len(fresh), BATCH):
+            new += await self.record(*fresh[start : start + BATCH])
         newest = max((r.end_time for r in runs if r.end_time), default=None)
         # Written only when it moves: an idle recorder never takes SQLite's write lock.
         if newest is not None and (cursor is None or newest > cursor):
@@ -370,19 +371,17 @@ class Recorder:
             await self.store.set_cursor(CURSOR, since + OVERLAP)
         return new
 
-    async def record(self, flow_run: FlowRun) -> bool:
-        """Record one finished run; ``False`` when it was recorded already."""
-        value = await read_result(self.client, flow_run.id)
-        checks = checks_of_run(flow_run, value, self.server_urls)
-        transitions = await self.store.record_run(
-            str(flow_run.id),
-            flow_run.run_count,
-            checks,
-            self.rules.rule_of,
-            lambda t: transition_payload(t, self.ui_base),
+    async def record(self, *flow_runs: FlowRun) -> int:
+        """Record finished runs (one write transaction on SQLite); how many were new."""
+        records = []
+        for flow_run in flow_runs:
+            value = await read_result(self.client, flow_run.id)
+            checks = checks_of_run(flow_run, value, self.server_urls)
+            records.append(RunRecord(str(flow_run.id), flow_run.run_count, tuple(checks)))
+        outcomes = await self.store.record_runs(
+            records, self.rules.rule_of, lambda t: transition_payload(t, self.ui_base)
         )
-        if transitions is None:
-            return False
+        transitions = [t for outcome in outcomes if outcome for t in outcome]
         for transition in transitions:
             result = transition.result
             logger.info(
@@ -395,4 +394,4 @@ class Recorder:
             )
         if transitions and self.on_transitions is not None:
             self.on_transitions()
-        return True
+        return sum(outcome is not None for outcome in outcomes)

@@ -63,6 +63,7 @@ __all__ = [
     "Destination",
     "HistoryStore",
     "OutboxAlert",
+    "RunRecord",
     "Transition",
     "default_database_url",
     "naive_utc",
@@ -254,6 +255,15 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One finished run to record: its key and its checks' results."""
+
+    flow_run_id: str
+    run_count: int
+    results: tuple[CheckResult, ...]
+
+
+@dataclass(frozen=True)
 class Transition:
     """A check changed: it started failing (past its threshold), or it recovered."""
 
@@ -441,34 +451,71 @@ class HistoryStore:
         Returns:
             The transitions, or ``None`` when another recorder recorded this run first.
         """
+        run = RunRecord(flow_run_id, run_count, tuple(results))
+        return (await self.record_runs([run], rule_of, payload_of))[0]
+
+    async def record_runs(
+        self,
+        runs: Sequence[RunRecord],
+        rule_of: Callable[[str | None], AlertRule | None],
+        payload_of: Callable[[Transition], dict[str, Any]],
+    ) -> list[list[Transition] | None]:
+        """Record several runs, each as :meth:`record_run` does; one outcome per run.
+
+        On SQLite they share one write transaction, each run in a savepoint of its own (a
+        run recorded elsewhere rolls back alone): a burst of finished runs costs the Prefect
+        server one wait for the write lock, not one per run. On PostgreSQL each run is its
+        own transaction, so two replicas never lock check rows in crossing orders.
+        """
+        if self.dialect != "sqlite":
+            outcomes: list[list[Transition] | None] = []
+            for run in runs:
+                try:
+                    async with self.writer.begin() as connection:
+                        outcomes.append(await self._record(connection, run, rule_of, payload_of))
+                except IntegrityError:
+                    outcomes.append(None)
+            return outcomes
+        outcomes = []
+        async with self.writer.begin() as connection:
+            for run in runs:
+                try:
+                    async with connection.begin_nested():
+                        outcomes.append(await self._record(connection, run, rule_of, payload_of))
+                except IntegrityError:
+                    outcomes.append(None)
+        return outcomes
+
+    async def _record(
+        self,
+        connection: AsyncConnection,
+        run: RunRecord,
+        rule_of: Callable[[str | None], AlertRule | None],
+        payload_of: Callable[[Transition], dict[str, Any]],
+    ) -> list[Transition]:
         now = now_utc()
+        results = run.results
         transitions: list[Transition] = []
-        try:
-            async with self.writer.begin() as connection:
-                await connection.execute(
-                    insert(recorded_runs_table).values(
-                        flow_run_id=flow_run_id, run_count=run_count, recorded_at=now
-                    )
-                )
-                if results:
-                    await connection.execute(
-                        insert(results_table), [_result_row(r) for r in results]
-                    )
-                states = await self._lock_checks(connection, {r.key for r in results})
-                for result in sorted(results, key=lambda r: r.at):
-                    transition = _advance(states, result, rule_of(result.suite))
-                    if transition is not None:
-                        transitions.append(transition)
-                await self._write_checks(connection, states)
-                rows = [
-                    _outbox_row(t, d, payload_of(t), now)
-                    for t in transitions
-                    for d in _destinations(rule_of(t.result.suite))
-                ]
-                if rows:
-                    await connection.execute(insert(alerts_table), rows)
-        except IntegrityError:
-            return None
+        await connection.execute(
+            insert(recorded_runs_table).values(
+                flow_run_id=run.flow_run_id, run_count=run.run_count, recorded_at=now
+            )
+        )
+        if results:
+            await connection.execute(insert(results_table), [_result_row(r) for r in results])
+        states = await self._lock_checks(connection, {r.key for r in results})
+        for result in sorted(results, key=lambda r: r.at):
+            transition = _advance(states, result, rule_of(result.suite))
+            if transition is not None:
+                transitions.append(transition)
+        await self._write_checks(connection, states)
+        rows = [
+            _outbox_row(t, d, payload_of(t), now)
+            for t in transitions
+            for d in _destinations(rule_of(t.result.suite))
+        ]
+        if rows:
+            await connection.execute(insert(alerts_table), rows)
         return transitions
 
     async def _lock_checks(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = pytest.mark.timeout(300)
+
+_DAY = timedelta(days=1)
 
 RUNNER = "cookieBannerVisibleTest"
 
@@ -91,9 +94,6 @@ async def settled(monitoring: MonitoringService, key: str) -> dict[str, Any]:
         return view if view is not None and not pending else None
 
     return await until(done, f"the alerts of {key} delivered")
-
-
-_DAY = __import__("datetime").timedelta(days=1)
 
 
 async def test_one_alert_per_change_fail_fail_again_then_recover(

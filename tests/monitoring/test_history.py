@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -29,6 +30,8 @@ from runners_orchestrator.monitoring.store import HistoryStore, default_database
 from runners_orchestrator.settings import load_settings
 
 pytestmark = pytest.mark.timeout(300)
+
+_DAY = timedelta(days=1)
 
 BANNER = "cookieBannerVisibleTest"
 TITLE = "exampleTitleVisibleTest"
@@ -67,9 +70,6 @@ async def test_two_recorders_record_a_run_once(orchestrate, use_runner, toggle_p
             assert view["suite"] == "twice"
             assert view["tags"] == ["checkout", "web"]
             assert view["lastRunId"] == run_id
-
-
-_DAY = __import__("datetime").timedelta(days=1)
 
 
 @pytest.fixture

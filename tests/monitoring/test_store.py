@@ -4,6 +4,7 @@ retention, and the payloads alerts are sent with.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -23,6 +24,7 @@ from runners_orchestrator.monitoring.store import (
     RunRecord,
     Transition,
 )
+from topology import POSTGRES, _admin
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -36,10 +38,24 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 RULE = AlertRule(3, (Destination("webhook", "http://127.0.0.1:9/hook"),))
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[HistoryStore]:
-    async with HistoryStore(f"sqlite+aiosqlite:///{tmp_path}/history.db") as opened:
-        yield opened
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.scaled)],
+)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[HistoryStore]:
+    """The store on a SQLite file, and on a throwaway database of the test PostgreSQL."""
+    if request.param == "sqlite":
+        async with HistoryStore(f"sqlite+aiosqlite:///{tmp_path}/history.db") as opened:
+            yield opened
+        return
+    name = f"history_{uuid4().hex[:12]}"
+    await _admin(f"CREATE DATABASE {name}")
+    try:
+        url = f"{POSTGRES.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
+        async with HistoryStore(url) as opened:
+            assert opened.dialect == "postgresql"
+            yield opened
+    finally:
+        await _admin(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def result(
@@ -221,3 +237,24 @@ async def test_a_batch_skips_a_run_recorded_elsewhere_and_keeps_the_others(store
     assert view is not None
     assert view["runs"] == 2
     assert view["failuresInRow"] == 2
+
+
+async def test_two_stores_recording_one_run_at_once_record_it_once(store):
+    async with HistoryStore(store.url) as other:
+        failures = [result("fail", i) for i in range(3)]
+        run = RunRecord(failures[0].flow_run_id, 1, tuple(failures))
+
+        def rule(suite: str | None) -> AlertRule | None:
+            return RULE if suite else None
+
+        outcomes = await asyncio.gather(
+            store.record_runs([run], rule, lambda _: {}),
+            other.record_runs([run], rule, lambda _: {}),
+        )
+    recorded = [o[0] for o in outcomes]
+    assert sum(o is None for o in recorded) == 1
+    assert [t.kind for t in next(o for o in recorded if o is not None)] == ["failing"]
+    view = await check_view(store, KEY, window=timedelta(days=3660))
+    assert view is not None
+    assert view["runs"] == 3
+    assert len([a for a in view["alerts"] if a["kind"] == "failing"]) == 2  # event + webhook

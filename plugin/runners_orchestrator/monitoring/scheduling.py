@@ -238,16 +238,21 @@ async def register_suites(
         existing = await _existing(client)
         for suite, workflow in ready.values():
             current = existing.get(suite.name)
-            await _serve(
-                runner,
-                workflow,
-                name=suite.deployment_name,
-                description=describe_suite(suite),
-                tags=_tags(suite, deployment_tags),
-                parameters=suite.parameters(),
-                schedules=_schedule(suite, current),
-                existing=current,
-            )
+            try:
+                await _serve(
+                    runner,
+                    workflow,
+                    name=suite.deployment_name,
+                    description=describe_suite(suite),
+                    tags=_tags(suite, deployment_tags),
+                    parameters=suite.parameters(),
+                    schedules=_schedule(suite, current),
+                    existing=current,
+                )
+            except Exception as exc:  # noqa: BLE001 - Prefect refused it: serve the rest
+                reason = " ".join(str(exc).split())[:300]
+                problems.append(f"{suite.path}: Prefect refused the suite's deployment: {reason}")
+                continue
             logger.info(
                 "serving suite %s (%s, %s)",
                 suite.name,

@@ -11,7 +11,7 @@ import asyncio
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,6 +113,8 @@ async def test_prefect_deploy_accepts_the_generated_suite_entry(project: Project
     (schedule,) = found.schedules
     assert schedule.schedule.interval == timedelta(seconds=90)  # type: ignore[union-attr]
     assert schedule.schedule.timezone == "America/New_York"
+    # Counted from midnight in New York: runs fall on the suite's clock, not UTC's.
+    assert schedule.schedule.anchor_date == datetime(2020, 1, 1, 5, tzinfo=UTC)  # type: ignore[union-attr]
     async with PrefectClient(api) as client:
         await client.delete_deployment(found.id)
     project.clear_suites()
@@ -174,6 +176,14 @@ async def test_a_paused_suite_stays_paused_across_a_serve_restart(project: Proje
         while not await runs_of(api, found.id, StateType.SCHEDULED):
             assert time.monotonic() < deadline, "no run was scheduled after the resume"
             await asyncio.sleep(0.5)
+    # The schedule alone switched off in the UI stays off while the file's is unchanged.
+    async with PrefectClient(api) as client:
+        (schedule,) = (await client.read_deployment(found.id)).schedules
+        await client.update_deployment_schedule(found.id, schedule.id, active=False)
+        switched_at = (await client.read_deployment(found.id)).updated
+    with project.serving() as served:
+        again = await wait_deployment(api, "suite-quiet", served, newer_than=switched_at)
+        assert [s.active for s in again.schedules] == [False]
 
 
 @pytest.mark.timeout(360)

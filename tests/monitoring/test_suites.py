@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
@@ -129,9 +129,10 @@ def test_schedules_in_prefects_terms(tmp_path: Path) -> None:
     assert schedule.describe() == "every 5m (Europe/Berlin)"
     assert schedule.to_prefect_yaml() == {
         "interval": 300,
-        "anchor_date": "2020-01-01T00:00:00",
+        "anchor_date": "2020-01-01T00:00:00+01:00",
         "timezone": "Europe/Berlin",
     }
     prefect = schedule.to_prefect()
+    assert prefect.anchor_date == datetime(2019, 12, 31, 23, tzinfo=UTC)  # midnight in Berlin
     assert prefect.interval == timedelta(minutes=5)
     assert prefect.timezone == "Europe/Berlin"

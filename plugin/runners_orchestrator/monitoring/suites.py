@@ -161,8 +161,15 @@ class Schedule(_Strict):
             return CronSchedule(cron=self.cron, timezone=self.timezone)
         assert self.interval is not None  # noqa: S101 - _one_kind
         return IntervalSchedule(
-            interval=self.interval, anchor_date=INTERVAL_ANCHOR, timezone=self.timezone
+            interval=self.interval, anchor_date=self.anchor(), timezone=self.timezone
         )
+
+    def anchor(self) -> datetime:
+        """Where an interval schedule counts from: :data:`INTERVAL_ANCHOR` in its time zone.
+
+        Aware: Prefect takes a naive anchor as UTC, whatever the schedule's zone.
+        """
+        return INTERVAL_ANCHOR.replace(tzinfo=ZoneInfo(self.timezone))
 
     def to_prefect_yaml(self) -> dict[str, Any]:
         """The schedule as an entry of ``schedules:`` in ``prefect.yaml``."""
@@ -172,7 +179,7 @@ class Schedule(_Strict):
         seconds = self.interval.total_seconds()
         return {
             "interval": int(seconds) if seconds.is_integer() else seconds,
-            "anchor_date": INTERVAL_ANCHOR.isoformat(),
+            "anchor_date": self.anchor().isoformat(),
             "timezone": self.timezone,
         }
 

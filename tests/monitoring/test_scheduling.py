@@ -187,7 +187,9 @@ async def test_a_paused_suite_stays_paused_across_a_serve_restart(project: Proje
 
 
 @pytest.mark.timeout(360)
-async def test_reload_deletes_a_removed_suite_and_keeps_a_broken_one(project: Project, pages):
+async def test_reload_adds_a_new_suite_deletes_a_removed_one_and_keeps_a_broken_one(
+    project: Project, pages
+):
     project.clear_suites()
     project.suite("stays", suite_text(pages.url("/title"), schedule='{ interval = "5s" }'))
     gone = project.suite("gone", suite_text(pages.url("/title"), schedule='{ interval = "3s" }'))
@@ -199,6 +201,10 @@ async def test_reload_deletes_a_removed_suite_and_keeps_a_broken_one(project: Pr
         while not await runs_of(api, removed.id, StateType.SCHEDULED):
             assert time.monotonic() < deadline, "the removed suite was never scheduled"
             await asyncio.sleep(0.5)
+
+        # Added while serving: registered without a restart by hand.
+        project.suite("added", suite_text(pages.url("/title")))
+        await wait_deployment(api, "suite-added", served)
 
         gone.unlink()
         deadline = time.monotonic() + 120

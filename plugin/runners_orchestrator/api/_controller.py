@@ -304,7 +304,7 @@ class OrchestratorController(Controller):
         "whether it is paused, its deployment and its next scheduled run. Invalid suite "
         "files are listed in `problems`, one line each.",
         cache_control=None,
-        responses={503: UNAVAILABLE},
+        responses={500: MISCONFIGURED, 503: UNAVAILABLE},
     )
     async def list_suites(self, orchestrator: Orchestrator, prefect: Gateway) -> SuiteList:
         """The suites from the files, with what Prefect knows of their deployments."""

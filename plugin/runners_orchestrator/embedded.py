@@ -53,7 +53,12 @@ __all__ = [
 
 EMBEDDED_PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    # The scheduler creates the check suites' scheduled runs; tuned for few writes.
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "20",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT10M",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "50",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
@@ -68,9 +73,18 @@ EMBEDDED_PREFECT_ENV = {
 Prefect's SQLite server meets "database is locked" from its own background services under
 light load (PrefectHQ/prefect#10188, #16299, #19771): a read transaction that must upgrade
 to a write fails at once instead of waiting. The services the embedded default does not use
-(schedules, late-run marking, worker health, pause expiry, automations, vacuum, reconciler,
+(late-run marking, worker health, pause expiry, automations, vacuum, reconciler,
 telemetry) are turned off, so that what writes is the runs themselves. Event persistence,
 task-run recording and cancellation clean-up stay on: the UI and cancel need them.
+
+The scheduler is on: it creates the runs of the check suites' schedules (``serve-flows``
+only polls for runs that exist). Its two loops are tuned for few writes and a prompt
+start: the recent-deployments loop (every 2 s, Prefect's default 5 s) schedules a suite
+added or changed under ``dev --reload`` within seconds; the main loop (every 20 s,
+Prefect's 60 s) tops up each schedule to 10 minutes ahead and at least 3 runs, at most 50
+(Prefect's 1 hour and 100), so a reload, which replaces a changed deployment's future
+runs, rewrites few rows, and a schedule of a few seconds never runs dry between loops.
+See ``docs/monitoring.md``.
 """
 
 

@@ -10,9 +10,11 @@ from runners_orchestrator.monitoring.suites import (
     Suite,
     SuiteError,
     SuiteJob,
+    SuiteScan,
     check_key,
     load_suite,
     load_suites,
+    scan_suites,
 )
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "Suite",
     "SuiteError",
     "SuiteJob",
+    "SuiteScan",
     "check_key",
     "load_suite",
     "load_suites",
+    "scan_suites",
 ]

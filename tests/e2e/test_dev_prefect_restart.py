@@ -17,6 +17,7 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -238,3 +239,23 @@ async def test_prefect_server_killed_mid_run_is_restarted_and_nothing_is_lost(de
         f"answers during the restart: {len(answers)}, 503: {len(unavailable)}, "
         f"starts accepted: {len(accepted)}; the run in flight ended {first['status']}"
     )
+
+
+def test_a_prefect_server_that_keeps_dying_is_given_up_on(tmp_path, monkeypatch):
+    """Past the restart budget, dev stops restarting and reports the death (it then stops)."""
+    from runners_orchestrator import embedded  # noqa: PLC0415
+    from runners_orchestrator.settings import get_settings  # noqa: PLC0415
+
+    monkeypatch.setattr(embedded, "PREFECT_RESTARTS", 2)
+    lines: list[str] = []
+    stack = embedded.DevStack(settings=get_settings(), project_root=tmp_path, out=lines.append)
+    dies = [sys.executable, "-c", "raise SystemExit(3)"]  # a server that cannot start
+    stack._start("prefect", dies, dict(os.environ))
+    try:
+        for _ in range(3):
+            stack.children[0].process.wait(30)
+            stack._restart_prefect()
+        assert [line.split(";")[0] for line in lines] == ["prefect exited (code 3)"] * 2
+        assert stack._dead() == "prefect (exit code 3)"
+    finally:
+        stack.stop()

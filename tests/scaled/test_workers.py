@@ -9,6 +9,9 @@ worker start`` processes. Run these alone with ``pytest -m scaled``.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -103,4 +106,22 @@ async def test_worker_killed_run_crashes_and_a_retry_resumes_it(workers, pages):
     print(  # noqa: T201 - the figures for docs/scaling.md, seen with -s
         f"worker killed: crashed {crashed_after:.1f}s after SIGKILL; "
         f"{len(done_before)} of 12 jobs kept"
+    )
+
+
+def test_crash_detection_module_refuses_a_window_shorter_than_a_heartbeat():
+    """A bad ORCHESTRATOR_CRASH_AFTER is one line and exit 1, before Prefect is asked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "runners_orchestrator.crash_detection"],
+        env={**env, "ORCHESTRATOR_CRASH_AFTER": "5", "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "runners-orchestrator: error: ORCHESTRATOR_CRASH_AFTER='5': expected a number of "
+        "seconds of at least 30 (the heartbeat interval)"
     )

@@ -3,8 +3,10 @@
 PostgreSQL (a database made for this run and dropped afterwards) and Redis (a database number
 of its own, flushed afterwards) hold Prefect's state and messages; two Prefect API servers run
 without services behind HAProxy, the background services in a process of their own; two
-``serve-flows`` processes serve the workflows against the load balancer; two orchestrator API
-replicas (``serve``) sit behind a second HAProxy; four runner servers make the registry.
+``serve-flows`` processes serve the workflows against the load balancer (or, with
+``serving="workers"``, two Prefect process workers on a work pool fed by ``prefect deploy
+--all``); two orchestrator API replicas (``serve``) sit behind a second HAProxy; four runner
+servers make the registry.
 
 Every process is a real one, on 127.0.0.1, started with the commands of the docs, each in its
 own process group so a test can kill one (``SIGKILL``) and start it again.
@@ -27,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Literal, Self
 
 import httpx
 
@@ -37,6 +39,10 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 BIN = Path(sys.executable).parent
 CRASH_AFTER = 40
 """Seconds without a heartbeat before Prefect's automation crashes a run (docs say 90)."""
+WORK_POOL = "default"
+"""The work pool of the committed ``prefect.yaml`` (``runners-orchestrator deploy``'s default)."""
+WORKER_QUERY_SECONDS = 1
+"""``PREFECT_WORKER_QUERY_SECONDS`` of the workers: Prefect's 10 s would delay every start."""
 
 HAPROXY_TEMPLATE = """\
 global
@@ -180,6 +186,8 @@ class ScaledTopology:
     runner_capacity: int = 4
     flow_runs_per_process: int = 8
     """``serve-flows --limit``: flow runs at once per serving process (each is a process)."""
+    serving: Literal["serve-flows", "workers"] = "serve-flows"
+    """Who runs the flow runs: two ``serve-flows``, or two Prefect process workers."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="scaled-")))
     database: str = field(default_factory=lambda: f"ro_scaled_{uuid.uuid4().hex[:12]}")
     redis_db: int = field(default_factory=lambda: random.randint(2, 15))
@@ -222,6 +230,13 @@ class ScaledTopology:
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.ports['api-lb']}"
+
+    @property
+    def serving_processes(self) -> tuple[str, str]:
+        """The names of the two processes that run flow runs."""
+        if self.serving == "workers":
+            return ("worker-1", "worker-2")
+        return ("flows-1", "flows-2")
 
     def registry(self) -> str:
         servers = [
@@ -302,9 +317,12 @@ class ScaledTopology:
             capacity = ["--capacity", str(self.runner_capacity), "--log-level", "warning"]
             self._add(f"runner-{i}", [*cli, *args, *capacity], self.base_env())
         wait_for(f"{self.prefect_api}/health", self.processes["prefect-lb"])
-        for name in ("flows-1", "flows-2"):
-            args = ["serve-flows", "--limit", str(self.flow_runs_per_process)]
-            self._add(name, [*cli, *args, "--log-level", "warning"], self.client_env())
+        if self.serving == "workers":
+            self._start_workers()
+        else:
+            for name in ("flows-1", "flows-2"):
+                args = ["serve-flows", "--limit", str(self.flow_runs_per_process)]
+                self._add(name, [*cli, *args, "--log-level", "warning"], self.client_env())
         for name in ("api-1", "api-2"):
             args = ["serve", "--port", str(self.ports[name]), "--log-level", "warning"]
             self._add(name, [*cli, *args], self.client_env())
@@ -316,6 +334,45 @@ class ScaledTopology:
             wait_for(f"http://127.0.0.1:{self.ports[name]}/api/orchestrator", self.processes[name])
         wait_for(f"{self.api}/api/orchestrator", self.processes["api-lb"])
         self.wait_for_deployments(2)
+
+    def _run(self, args: list[str], env: dict[str, str]) -> None:
+        """One command to its end, its output in the log of the setup; raise if it fails."""
+        with (self.workdir / "setup.log").open("ab") as log:
+            log.write(f"$ {' '.join(args)}\n".encode())
+            log.flush()
+            done = subprocess.run(
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=300,
+                check=False,
+            )
+        if done.returncode != 0:
+            setup = (self.workdir / "setup.log").read_text(errors="replace")
+            msg = f"{' '.join(args)} exited {done.returncode}:\n{setup[-3000:]}"
+            raise RuntimeError(msg)
+
+    def worker_env(self) -> dict[str, str]:
+        """A worker's: heartbeats on (its flow runs inherit them), fast polling."""
+        return {
+            **self.client_env(),
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+            "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS),
+        }
+
+    def _start_workers(self) -> None:
+        """docs/scaling.md, "Prefect workers instead of serve-flows", command for command."""
+        prefect = str(BIN / "prefect")
+        env = self.client_env()
+        self._run([prefect, "work-pool", "create", WORK_POOL, "--type", "process"], env)
+        self._run([prefect, "--no-prompt", "deploy", "--all"], env)
+        self._run([sys.executable, "-m", "runners_orchestrator.crash_detection"], env)
+        for name in ("worker-1", "worker-2"):
+            args = [prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"]
+            limit = ["--limit", str(self.flow_runs_per_process), "--name", name]
+            self._add(name, [*args, *limit], self.worker_env())
 
     def wait_for_deployments(self, runners: int, timeout: float = 90) -> None:
         """Until both workflows' deployments exist (each serve-flows registers them)."""
@@ -330,7 +387,8 @@ class ScaledTopology:
                 if len(found) >= runners:
                     return
             time.sleep(0.2)
-        msg = "the deployments were not registered:\n" + self.processes["flows-1"].tail()
+        first = self.processes.get("flows-1") or self.processes["worker-1"]
+        msg = "the deployments were not registered:\n" + first.tail()
         raise RuntimeError(msg)
 
     def stop(self) -> None:

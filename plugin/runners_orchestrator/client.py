@@ -75,6 +75,16 @@ class Backend(Protocol):
         """The run's state now."""
         ...
 
+    async def start_suite(
+        self, suite: str, tags: list[str], regions: list[str]
+    ) -> tuple[str, str, int]:
+        """Start a run of ``suite``'s deployment with its matching jobs.
+
+        Returns:
+            The suite's workflow, the run id, and how many jobs the run has.
+        """
+        ...
+
 
 class ApiBackend:
     """Through the orchestrator HTTP API (``ORCHESTRATOR_API_URL``)."""
@@ -124,6 +134,10 @@ class ApiBackend:
         attempt carries the same ``Idempotency-Key``, so a retry after an answer that was
         lost on the way can never start a second run.
         """
+        run_id, _ = await self._post_start(name, body)
+        return run_id
+
+    async def _post_start(self, name: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         headers = {"Idempotency-Key": f"cli-{uuid.uuid4()}"}
         deadline = time.monotonic() + self.start_wait
         while True:
@@ -146,7 +160,27 @@ class ApiBackend:
             except ValueError:
                 message = response.text
             raise RunStartError(f"HTTP {response.status_code}: {message}")
-        return str(response.json()["runId"])
+        answer = response.json()
+        return str(answer["runId"]), answer
+
+    async def start_suite(
+        self, suite: str, tags: list[str], regions: list[str]
+    ) -> tuple[str, str, int]:
+        """Find the suite's workflow in the API's suite list, then start it there."""
+        response = await self._request("GET", f"{self.prefix}/suites")
+        if response.status_code != httpx.codes.OK:
+            raise RunStartError(
+                f"the orchestrator API at {self.client.base_url} answered "
+                f"HTTP {response.status_code} to the suite list: {_message(response)}"
+            )
+        listed = {item["name"]: item for item in response.json()["suites"]}
+        if suite not in listed:
+            available = ", ".join(sorted(listed)) or "none"
+            raise RunStartError(f"no suite {suite!r}; available suites: {available}")
+        workflow = str(listed[suite]["workflow"])
+        body = {"suite": suite, "tags": tags, "regions": regions}
+        run_id, answer = await self._post_start(workflow, body)
+        return workflow, run_id, int(answer.get("jobs", 0))
 
     async def state(self, name: str, run_id: str) -> RunState:
         """Poll the status route; a passing outage (503, a proxy's 502) reads as "waiting"."""
@@ -223,6 +257,31 @@ class PrefectBackend:
             raise RunStartError(exc.message) from None
         flow_run = await self.gateway.start(workflow, parameters, None)
         return str(flow_run.id)
+
+    async def start_suite(
+        self, suite: str, tags: list[str], regions: list[str]
+    ) -> tuple[str, str, int]:
+        """Select the suite's jobs from the local suite files, then run its deployment."""
+        from runners_orchestrator.monitoring.scheduling import check_workflow  # noqa: PLC0415
+        from runners_orchestrator.monitoring.selection import (  # noqa: PLC0415
+            SuiteSelection,
+            select_suite_run,
+        )
+        from runners_orchestrator.monitoring.suites import scan_suites  # noqa: PLC0415
+        from runners_orchestrator.settings import get_settings  # noqa: PLC0415
+
+        scan = scan_suites(self.discovery.root, get_settings().suites)
+        try:
+            selection = SuiteSelection(suite=suite, tags=tags, regions=regions)
+            run = select_suite_run(scan.suites, selection, scan.broken)
+            workflow = check_workflow(run.suite, self.discovery)
+        except (OrchestratorError, ValueError) as exc:
+            problems = [line for line in scan.problems if f"{suite}.toml" in line]
+            raise RunStartError("; ".join([str(exc), *problems])) from None
+        flow_run = await self.gateway.start(
+            workflow, run.parameters, None, run.suite.deployment_name
+        )
+        return workflow.name, str(flow_run.id), run.job_count
 
     async def state(self, name: str, run_id: str) -> RunState:
         """Read the flow run, its progress and, once completed, its result."""

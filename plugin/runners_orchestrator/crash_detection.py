@@ -17,7 +17,12 @@ So a killed run is ``crashed`` in Prefect and in our API at most ``within`` seco
 last heartbeat, plus the triggers service's evaluation period; then it can be retried, and a
 retry resumes it (see :mod:`runners_orchestrator.checkpoints`). Automations need Prefect's
 triggers service: it runs in ``prefect server services start`` on the scaled topology; the
-embedded ``dev`` server turns it off (there, ``dev`` stops everything when a process dies).
+embedded ``dev`` server turns it off (there, no process of a run dies alone: ``dev`` restarts
+its Prefect server, and stops everything when another of its processes dies).
+
+Prefect process workers (``prefect worker start``) are not ours, so they do neither: give
+them ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30`` and create the automation once with
+``python -m runners_orchestrator.crash_detection`` (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -113,3 +118,23 @@ async def _keep_one() -> None:
         found = await client.read_automations_by_name(AUTOMATION_NAME)
         for extra in sorted(found, key=lambda automation: str(automation.id))[1:]:
             await client.delete_automation(extra.id)
+
+
+def main() -> None:
+    """Create the automation against ``PREFECT_API_URL`` (for Prefect workers), and say so."""
+    import asyncio  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from runners_orchestrator.exceptions import ConfigurationError  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    try:
+        asyncio.run(ensure_crash_detection())
+    except ConfigurationError as exc:
+        sys.exit(f"runners-orchestrator: error: {exc}")
+    logger.info("crash detection is on: %r (within %gs)", AUTOMATION_NAME, _within())
+
+
+if __name__ == "__main__":
+    main()

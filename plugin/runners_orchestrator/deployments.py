@@ -8,7 +8,9 @@ schema, so ``deploy --check`` notices when parameters change.
 
 In ``prefect.yaml`` only the entries tagged ``runners-orchestrator`` are ours: they are
 rewritten, and everything else (other keys, other deployments, comments) is kept as it was,
-thanks to ruamel.yaml's round trip.
+thanks to ruamel.yaml's round trip. Other parts of the plugin add entries of their own (the
+check suites of ``monitoring``) through ``extra_entries``; ``deploy --check`` names each
+generated entry that was added, changed or removed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from runners_orchestrator.discovery import Discovery, Workflow
@@ -98,6 +101,27 @@ def _entry(workflow: Workflow, work_pool: str, tags: list[str]) -> CommentedMap:
     return entry
 
 
+def _plain(node: Any) -> Any:
+    """Round-trip (ruamel) containers as plain dicts and lists, for comparisons."""
+    if isinstance(node, dict):
+        return {str(key): _plain(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_plain(item) for item in node]
+    return node
+
+
+def _commented(node: Any) -> Any:
+    """Plain data as ruamel's containers, so that it is written in block style."""
+    if isinstance(node, dict):
+        mapping = CommentedMap()
+        for key, value in node.items():
+            mapping[key] = _commented(value)
+        return mapping
+    if isinstance(node, list):
+        return CommentedSeq([_commented(item) for item in node])
+    return node
+
+
 def _is_generated(entry: Any) -> bool:
     return isinstance(entry, dict) and GENERATED_TAG in (entry.get("tags") or [])
 
@@ -112,6 +136,36 @@ class DeploymentPlan:
     obsolete: list[Path] = field(default_factory=list)
     """Generated modules of workflows that no longer exist."""
     prefect_yaml: str = ""
+    entries: dict[str, Any] = field(default_factory=dict)
+    """Generated ``prefect.yaml`` entries by deployment name, as plain data."""
+
+    def _entry_changes(self, yaml_path: Path) -> list[str]:
+        """Which generated entries of ``prefect.yaml`` are new, changed or gone."""
+        try:
+            document = _yaml().load(yaml_path.read_text()) or {}
+        except Exception:  # noqa: BLE001 - unreadable: the file as a whole is stale
+            return []
+        on_disk = {
+            str(entry.get("name")): _plain(entry)
+            for entry in document.get("deployments") or []
+            if _is_generated(entry)
+        }
+        lines = [
+            f"prefect.yaml: deployment {name!r} is new"
+            for name in self.entries
+            if name not in on_disk
+        ]
+        lines += [
+            f"prefect.yaml: deployment {name!r} has changed"
+            for name, entry in self.entries.items()
+            if name in on_disk and on_disk[name] != entry
+        ]
+        lines += [
+            f"prefect.yaml: deployment {name!r} is no longer generated (removed)"
+            for name in on_disk
+            if name not in self.entries
+        ]
+        return lines
 
     def stale(self) -> list[str]:
         """What is out of date on disk, one line each; empty when everything is current."""
@@ -127,8 +181,11 @@ class DeploymentPlan:
             for p in self.obsolete
         )
         yaml_path = self.root / "prefect.yaml"
-        if not yaml_path.exists() or yaml_path.read_text() != self.prefect_yaml:
+        if not yaml_path.exists():
+            problems.append("prefect.yaml is missing")
+        elif yaml_path.read_text() != self.prefect_yaml:
             problems.append("prefect.yaml: its generated deployments are out of date")
+            problems.extend(self._entry_changes(yaml_path))
         return problems
 
 
@@ -154,8 +211,13 @@ def _refuse_shadowing(discovery: Discovery, workflows: list[Workflow]) -> None:
             )
 
 
-def plan_deployments(discovery: Discovery) -> DeploymentPlan:
+def plan_deployments(
+    discovery: Discovery, extra_entries: Sequence[Mapping[str, Any]] = ()
+) -> DeploymentPlan:
     """Compute the generated files for ``discovery``'s workflows without writing anything.
+
+    ``extra_entries`` are more generated ``prefect.yaml`` entries (the suites'), written
+    after the workflows' ones; each must carry the ``runners-orchestrator`` tag.
 
     Raises:
         ConfigurationError: a workflow's generated module would hide a project module.
@@ -187,6 +249,8 @@ def plan_deployments(discovery: Discovery) -> DeploymentPlan:
     existing = document.get("deployments") or []
     kept = [entry for entry in existing if not _is_generated(entry)]
     generated = [_entry(w, settings.work_pool, settings.deployment_tags) for w in workflows]
+    generated += [_commented(dict(entry)) for entry in extra_entries]
+    plan.entries = {str(entry["name"]): _plain(entry) for entry in generated}
     deployments = CommentedSeq([*kept, *generated])
     if isinstance(document.get("deployments"), CommentedSeq):
         # Keep the comments attached to the list itself.

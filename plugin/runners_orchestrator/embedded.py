@@ -18,6 +18,12 @@ and imports everything, but binds its port only after the deployments are regist
 It prints every URL once everything answers, prefixes each process's log lines with its
 name, and on Ctrl-C or SIGTERM stops every process it started, children included (each
 runs in its own process group, which is signalled as a whole).
+
+The Prefect server it started is restarted when it dies (on the same port and SQLite
+database), as a user of a dev server expects: runs in flight carry on through Prefect's
+client retries, and the API answers 503 with ``Retry-After`` meanwhile. If it keeps dying
+(:data:`PREFECT_RESTARTS` times within :data:`PREFECT_RESTART_WINDOW` seconds), ``dev`` gives
+up and stops everything, as it does when any other of its processes dies.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDED_PREFECT_ENV",
+    "PREFECT_RESTARTS",
+    "PREFECT_RESTART_WINDOW",
     "DevStack",
     "StackError",
     "missing_deployments",
@@ -53,7 +61,12 @@ __all__ = [
 
 EMBEDDED_PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    # The scheduler creates the check suites' scheduled runs; tuned for few writes.
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "20",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT10M",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "50",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
@@ -68,10 +81,26 @@ EMBEDDED_PREFECT_ENV = {
 Prefect's SQLite server meets "database is locked" from its own background services under
 light load (PrefectHQ/prefect#10188, #16299, #19771): a read transaction that must upgrade
 to a write fails at once instead of waiting. The services the embedded default does not use
-(schedules, late-run marking, worker health, pause expiry, automations, vacuum, reconciler,
+(late-run marking, worker health, pause expiry, automations, vacuum, reconciler,
 telemetry) are turned off, so that what writes is the runs themselves. Event persistence,
 task-run recording and cancellation clean-up stay on: the UI and cancel need them.
+
+The scheduler is on: it creates the runs of the check suites' schedules (``serve-flows``
+only polls for runs that exist). Its two loops are tuned for few writes and a prompt
+start: the recent-deployments loop (every 2 s, Prefect's default 5 s) schedules a suite
+added or changed under ``dev --reload`` within seconds; the main loop (every 20 s,
+Prefect's 60 s) tops up each schedule to 10 minutes ahead and at least 3 runs, at most 50
+(Prefect's 1 hour and 100), so a reload, which replaces a changed deployment's future
+runs, rewrites few rows, and a schedule of a few seconds never runs dry between loops.
+See ``docs/monitoring.md``.
 """
+
+
+PREFECT_RESTARTS = 5
+"""Restarts of the embedded Prefect server that ``dev`` makes within the window below."""
+PREFECT_RESTART_WINDOW = 120.0
+"""Seconds: a Prefect server that died more than :data:`PREFECT_RESTARTS` times in this
+window cannot start (port taken, database broken), and ``dev`` stops instead of looping."""
 
 
 def url_host(host: str, *, connect: bool = False) -> str:
@@ -145,6 +174,8 @@ class _InterruptedError(Exception):
 class _Child:
     name: str
     process: subprocess.Popen[str]
+    args: list[str]
+    env: dict[str, str]
     threads: list[threading.Thread] = field(default_factory=list)
 
 
@@ -192,10 +223,14 @@ class DevStack:
     out: Callable[[str], None] = print
     children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _prefect_restarts: list[float] = field(default_factory=list)
 
     # -- processes --------------------------------------------------------------------
 
     def _start(self, name: str, args: Sequence[str], env: dict[str, str]) -> None:
+        self.children.append(self._spawn(name, list(args), env))
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> _Child:
         process = subprocess.Popen(  # noqa: S603 - our own CLI and Prefect's
             list(args),
             cwd=self.project_root,
@@ -206,14 +241,35 @@ class DevStack:
             text=True,
             start_new_session=True,  # its own process group: stopped with its children
         )
-        child = _Child(name, process)
+        child = _Child(name, process, args, env)
         if process.stdout is not None:
             pump = threading.Thread(
                 target=_pump, args=(name, process.stdout, self.out), daemon=True
             )
             pump.start()
             child.threads.append(pump)
-        self.children.append(child)
+        return child
+
+    def _restart_prefect(self) -> None:
+        """Start our Prefect server again if it died, unless it keeps dying.
+
+        Same command, port and ``PREFECT_HOME`` (so the same SQLite database): every run,
+        deployment and result is still there, and the processes that talk to it reconnect.
+        """
+        for index, child in enumerate(self.children):
+            code = child.process.poll()
+            if child.name != "prefect" or code is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self._prefect_restarts if now - t < PREFECT_RESTART_WINDOW]
+            if len(recent) >= PREFECT_RESTARTS:
+                return  # _dead() reports it and the stack stops
+            self._prefect_restarts = [*recent, now]
+            self.out(
+                f"prefect exited (code {code}); restarting it on the same port and database "
+                f"(restart {len(self._prefect_restarts)} within {PREFECT_RESTART_WINDOW:.0f}s)"
+            )
+            self.children[index] = self._spawn(child.name, child.args, child.env)
 
     def _dead(self) -> str | None:
         if self._stop.is_set():
@@ -384,6 +440,7 @@ class DevStack:
             banner = "\n".join(["", f"runners-orchestrator is ready ({elapsed:.1f}s):", *lines, ""])
             self.out(banner)
             while not self._stop.is_set():
+                self._restart_prefect()
                 dead = self._dead()
                 if dead:
                     raise StackError(f"{dead} stopped; stopping the rest")

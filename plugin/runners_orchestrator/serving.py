@@ -43,7 +43,7 @@ from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from watchfiles import Change
 
@@ -108,11 +108,14 @@ async def serve_flows(
     query_seconds: float = DEFAULT_QUERY_SECONDS,
     limit: int | None = None,
     forkserver: bool = True,
+    register: Callable[[Runner], Awaitable[object]] | None = None,
 ) -> None:
     """Register every workflow's deployment and run their flow runs until cancelled.
 
     With ``forkserver`` (the default), each run's process is forked from a warm fork
     server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
+    ``register`` adds more deployments to the runner before it starts (the check
+    suites' scheduled deployments, from ``monitoring``).
     """
     # Before the fork server starts, so that every run's process inherits them: heartbeats,
     # and the project importable (runs' processes unpickle flows that import the project).
@@ -145,6 +148,8 @@ async def serve_flows(
             tags=[GENERATED_TAG],
         )
         logger.info("serving %s (%s)", workflow.name, workflow.entrypoint)
+    if register is not None:
+        await register(runner)
     await runner.start()
 
 
@@ -166,13 +171,20 @@ def watched_paths(root: Path, patterns: Sequence[str]) -> list[Path]:
     return sorted(path for path in paths if path.exists())
 
 
-async def serve_with_reload(command: Sequence[str], root: Path, patterns: Sequence[str]) -> int:
+async def serve_with_reload(
+    command: Sequence[str],
+    root: Path,
+    patterns: Sequence[str],
+    data_patterns: Sequence[str] = (),
+) -> int:
     """Run ``command`` and restart it whenever a workflow file or a project module changes.
 
     Watched: :func:`watched_paths`, recursively, computed again before each start (a
-    workflow file may have started importing another package); and the project root, not
+    workflow file may have started importing another package); the project root, not
     recursively, for a module or package created there, which a workflow file may be
-    waiting for.
+    waiting for; and the files matching ``data_patterns`` (the check suites'
+    ``checks/**/*.toml``): a file of their extension added, changed or removed under their
+    folder.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -184,7 +196,7 @@ async def serve_with_reload(command: Sequence[str], root: Path, patterns: Sequen
         logger.debug("watching %s", ", ".join(str(p) for p in watched))
         started = loop.time()
         child = await asyncio.create_subprocess_exec(*command, stdin=subprocess.DEVNULL)
-        changed = asyncio.ensure_future(_next_change(watched, root, stop))
+        changed = asyncio.ensure_future(_next_change(watched, root, stop, data_patterns))
         exited = asyncio.ensure_future(child.wait())
         await asyncio.wait({changed, exited}, return_when=asyncio.FIRST_COMPLETED)
         if exited.done() and not changed.done():
@@ -235,7 +247,34 @@ def _top_level_filter(root: Path) -> Callable[[Change, str], bool]:
     return accept
 
 
-async def _next_change(watched: Sequence[Path], root: Path, stop: asyncio.Event) -> None:
+def _data_filter(patterns: Sequence[str]) -> Callable[[Change, str], bool]:
+    """Accept a file whose extension is one of the patterns' (``.toml`` of ``**/*.toml``)."""
+    suffixes = {Path(pattern).suffix for pattern in patterns if Path(pattern).suffix}
+
+    def accept(_: Change, path: str) -> bool:
+        name = Path(path).name
+        return not name.startswith(".") and Path(name).suffix in suffixes
+
+    return accept
+
+
+def data_folders(root: Path, patterns: Sequence[str]) -> list[Path]:
+    """The folders to watch for ``patterns``: their fixed prefixes, when they exist.
+
+    Never the project root itself (it holds ``.venv`` and ``.state``): a pattern without a
+    folder of its own is not watched, and a missing folder is noticed when it is created
+    at the root (see :func:`_top_level_filter`).
+    """
+    folders = {root / pattern.split("*", 1)[0] for pattern in patterns}
+    return sorted(folder for folder in folders if folder != root and folder.is_dir())
+
+
+async def _next_change(
+    watched: Sequence[Path],
+    root: Path,
+    stop: asyncio.Event,
+    data_patterns: Sequence[str] = (),
+) -> None:
     """Return at the first change that matters, or once ``stop`` is set."""
     from watchfiles import PythonFilter, awatch  # noqa: PLC0415 - development only
 
@@ -254,6 +293,11 @@ async def _next_change(watched: Sequence[Path], root: Path, stop: asyncio.Event)
     ]
     if watched:
         watchers.append(asyncio.ensure_future(first(watched, watch_filter=PythonFilter())))
+    data = data_folders(root, data_patterns)
+    if data:
+        watchers.append(
+            asyncio.ensure_future(first(data, watch_filter=_data_filter(data_patterns)))
+        )
     try:
         await asyncio.wait([stopped, *watchers], return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -130,6 +130,11 @@ class OrchestratorSettings(BaseSettings):
         default=["flows/**/*.py", "src/flows/**/*.py"],
         description="Glob(s) of workflow files, relative to the project root.",
     )
+    suites: Annotated[list[str], NoDecode] = Field(
+        default=["checks/**/*.toml"],
+        description="Glob(s) of check-suite files (one suite per file), relative to the "
+        "project root.",
+    )
     registry: Annotated[RegistryConfig, NoDecode] = Field(
         default_factory=RegistryConfig,
         description='The runner servers: {"type": "in-memory", "servers": [...]}.',
@@ -256,7 +261,7 @@ class OrchestratorSettings(BaseSettings):
         default=30.0, gt=0, description="Days of check results kept; older ones are pruned."
     )
 
-    @field_validator("pattern", mode="before")
+    @field_validator("pattern", "suites", mode="before")
     @classmethod
     def _split_pattern(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -458,7 +458,10 @@ async def test_openapi_documents_the_real_errors_and_run_ids(api):
 async def test_openapi_has_each_workflow_body_schema(api):
     document = (await api.get("/schema/openapi.json")).json()
     start = document["paths"][f"{PREFIX}/orchestrate_runners"]["post"]
-    body = start["requestBody"]["content"]["application/json"]["schema"]
+    parameters, suite = start["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
+    assert suite["required"] == ["suite"]
+    assert set(suite["properties"]) == {"suite", "tags", "regions"}
+    body = parameters
     assert body["required"] == ["jobs"]
     assert body["properties"]["jobs"]["items"] == {"$ref": "#/components/schemas/RunnerJob"}
     job = document["components"]["schemas"]["RunnerJob"]

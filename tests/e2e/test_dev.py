@@ -283,7 +283,7 @@ def test_run_wait_exit_codes(dev, pages, tmp_path):
         ),
         (["orchestrate_runners", "--job", "{not json"], "--job is not valid JSON"),
         (["orchestrate_runners", "--job", '{"runners": ["x"]}'], "jobs.0.url: Field required"),
-        (["orchestrate_runners"], "one of the arguments --jobs --job is required"),
+        (["orchestrate_runners"], "give NAME with --jobs FILE or --job JSON, or --suite NAME"),
     ],
 )
 def test_run_usage_errors_exit_2_with_one_line(dev, args, message):

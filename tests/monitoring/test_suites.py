@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 
-from runners_orchestrator.monitoring import SuiteError, check_key, load_suites
+from runners_orchestrator.monitoring import SuiteError, check_key, load_suites, scan_suites
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -105,3 +105,34 @@ def test_a_check_key_is_stable_and_distinct() -> None:
     assert key == check_key("https://a.test/", "pageHasTitle", "us-east-1")
     assert len(key) == 16
     assert key != check_key("https://a.test/", "pageHasTitle", None)
+
+
+def test_a_scan_keeps_the_valid_suites_and_reports_the_broken_one_per_line(tmp_path: Path) -> None:
+    write(tmp_path, "shop.toml", SHOP)
+    broken = write(tmp_path, "blog.toml", 'schedule = { interval = "soon" }\njobs = []\n')
+    scan = scan_suites(tmp_path)
+    assert list(scan.suites) == ["shop"]
+    assert scan.broken == {"blog"}
+    assert scan.problems == [
+        f"{broken}: schedule.interval: 'soon' is not a duration; write 30s, 5m, 1h or a number "
+        "of seconds",
+        f"{broken}: jobs: List should have at least 1 item after validation, not 0",
+    ]
+    with pytest.raises(SuiteError):
+        scan.raise_problems()
+
+
+def test_schedules_in_prefects_terms(tmp_path: Path) -> None:
+    write(tmp_path, "shop.toml", SHOP)
+    schedule = load_suites(tmp_path)["shop"].schedule
+    assert schedule is not None
+    assert schedule.describe() == "every 5m (Europe/Berlin)"
+    assert schedule.to_prefect_yaml() == {
+        "interval": 300,
+        "anchor_date": "2020-01-01T00:00:00+01:00",
+        "timezone": "Europe/Berlin",
+    }
+    prefect = schedule.to_prefect()
+    assert prefect.anchor_date == datetime(2019, 12, 31, 23, tzinfo=UTC)  # midnight in Berlin
+    assert prefect.interval == timedelta(minutes=5)
+    assert prefect.timezone == "Europe/Berlin"

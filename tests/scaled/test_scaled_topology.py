@@ -7,7 +7,6 @@ Run these alone with ``pytest -m scaled``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -16,6 +15,15 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from runs import (
+    FINISHED,
+    PREFIX,
+    checkpointed_jobs,
+    jobs_for,
+    serving_process_of,
+    start,
+    wait_result,
+)
 
 from helpers import HITS
 from topology import CRASH_AFTER, ScaledTopology
@@ -25,47 +33,11 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.scaled, pytest.mark.timeout(600)]
 
-PREFIX = "/api/orchestrator"
-FINISHED = {"completed", "failed", "crashed", "cancelled"}
-
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[ScaledTopology]:
     with ScaledTopology(runner_servers=4, runner_capacity=4) as scaled:
         yield scaled
-
-
-def jobs_for(topology: ScaledTopology, pages: Any, count: int) -> list[dict[str, Any]]:
-    return [
-        {"url": pages.url(f"/slow?s=0.2&n={i}"), "runners": ["exampleTitleVisibleTest"]}
-        for i in range(count)
-    ]
-
-
-async def start(
-    http: httpx.AsyncClient, jobs: list[dict[str, Any]], options: dict[str, Any] | None = None
-) -> str:
-    body: dict[str, Any] = {"jobs": jobs, **({"options": options} if options else {})}
-    response = await http.post(f"{PREFIX}/orchestrate_runners", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["runId"])
-
-
-async def wait_result(
-    http: httpx.AsyncClient, run_id: str, timeout: float = 300, every: float = 0.5
-) -> Any:
-    """Poll the status route through the load balancer until the run ends; count 5xx seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = await http.get(f"{PREFIX}/orchestrate_runners", params={"runId": run_id})
-        if response.status_code == httpx.codes.OK:
-            return response.json()
-        if response.status_code != httpx.codes.ACCEPTED:
-            body = response.json()
-            if body.get("status") in FINISHED:
-                pytest.fail(f"run {run_id} ended {body['status']}: {body.get('error')}")
-        await asyncio.sleep(every)
-    pytest.fail(f"run {run_id} did not finish within {timeout:.0f}s")
 
 
 def runner_health(topology: ScaledTopology) -> list[dict[str, Any]]:
@@ -97,8 +69,19 @@ async def test_200_concurrent_orchestrations_never_exceed_runner_capacity(topolo
     ``SCALED_TEST_LOAD_RUNS`` changes the number of runs (CI keeps 200).
     """
     runs = int(os.environ.get("SCALED_TEST_LOAD_RUNS", "200"))
+    server_errors: list[str] = []
+
+    async def count_5xx(response: httpx.Response) -> None:
+        if response.status_code >= httpx.codes.INTERNAL_SERVER_ERROR:
+            server_errors.append(
+                f"{response.request.method} {response.url}: {response.status_code}"
+            )
+
     async with httpx.AsyncClient(
-        base_url=topology.api, timeout=120, limits=httpx.Limits(max_connections=50)
+        base_url=topology.api,
+        timeout=120,
+        limits=httpx.Limits(max_connections=50),
+        event_hooks={"response": [count_5xx]},
     ) as http:
         submitted: dict[str, float] = {}
 
@@ -116,6 +99,7 @@ async def test_200_concurrent_orchestrations_never_exceed_runner_capacity(topolo
     elapsed = time.monotonic() - began_all
     latencies = sorted(took for _, took, _ in outcomes)
     jobs = [job for _, _, summary in outcomes for job in summary["jobs"]]
+    assert server_errors == []  # no 5xx, on any start or status poll (goal: zero)
     assert len(jobs) == 5 * runs  # zero jobs missing
     assert {job["state"] for job in jobs} == {"completed"}
     health = runner_health(topology)
@@ -126,8 +110,45 @@ async def test_200_concurrent_orchestrations_never_exceed_runner_capacity(topolo
     print(  # noqa: T201 - the figures for docs/scaling.md, seen with -s
         f"{runs} runs x 5 jobs in {elapsed:.1f}s: submit->result p50 {p50:.2f}s "
         f"p99 {p99:.2f}s; runner peaks {[h['peakInFlight'] for h in health]}, "
-        f"429s {[h['refused'] for h in health]}"
+        f"429s {[h['refused'] for h in health]}; 5xx {len(server_errors)}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
+
+
+async def test_closed_loop_of_clients_sees_no_5xx_and_loses_no_run(topology, pages):
+    """20 clients for 15 s, each starting a run and polling it to its end, then the next.
+
+    The short form of ``bench/scaled_load.py``'s closed loop (50 clients, 30 s): every
+    answer through the load balancer is a 2xx, and every accepted run ends completed.
+    """
+    answers: list[int] = []
+    accepted: dict[str, str] = {}
+    job = {"url": pages.url("/title?loop"), "runners": ["exampleTitleVisibleTest"]}
+    async with httpx.AsyncClient(base_url=topology.api, timeout=120) as http:
+
+        async def client(until: float) -> None:
+            while time.monotonic() < until:
+                started = await http.post(f"{PREFIX}/orchestrate_runners", json={"jobs": [job]})
+                answers.append(started.status_code)
+                if started.status_code != httpx.codes.ACCEPTED:
+                    continue
+                run_id = started.json()["runId"]
+                accepted[run_id] = "accepted"
+                deadline = time.monotonic() + 300  # catches a lost run, not a slow one
+                while accepted[run_id] not in FINISHED:
+                    assert time.monotonic() < deadline, f"run {run_id} never ended"
+                    await asyncio.sleep(0.5)
+                    status = await http.get(f"{PREFIX}/runs/{run_id}")
+                    answers.append(status.status_code)
+                    if status.status_code == httpx.codes.OK:
+                        accepted[run_id] = status.json()["status"]
+
+        await asyncio.gather(*(client(time.monotonic() + 15) for _ in range(20)))
+    assert [code for code in answers if code >= httpx.codes.INTERNAL_SERVER_ERROR] == []
+    assert set(answers) <= {200, 202}, sorted(set(answers))
+    assert len(accepted) >= 20  # every client started at least one run
+    assert set(accepted.values()) == {"completed"}, accepted
+    print(f"closed loop: {len(accepted)} runs, {len(answers)} answers, no 5xx")  # noqa: T201
 
 
 async def test_one_api_replica_killed_status_and_results_still_served(topology, pages):
@@ -182,48 +203,6 @@ async def test_runner_server_killed_and_one_hanging_every_job_accounted_for(topo
     states = [job["state"] for job in summary["jobs"]]
     assert set(states) <= {"completed", "timed_out"}, states
     assert states.count("completed") >= 8  # runner-0 and runner-1 did the work
-
-
-async def checkpointed_jobs(topology: ScaledTopology, run_id: str) -> set[str]:
-    """Job ids the run has recorded as completed in Prefect (its checkpoint artifacts)."""
-    async with httpx.AsyncClient(base_url=topology.prefect_api, timeout=30) as prefect:
-        response = await prefect.post(
-            "/artifacts/filter",
-            json={
-                "artifacts": {
-                    "flow_run_id": {"any_": [run_id]},
-                    "type": {"any_": ["runners-orchestrator-checkpoint"]},
-                },
-                "limit": 200,
-            },
-        )
-    return {
-        job["jobId"]
-        for artifact in response.json()
-        # Prefect keeps an artifact's data as the JSON text of what was given.
-        for job in (json.loads(artifact["data"]) if isinstance(artifact["data"], str) else [])
-    }
-
-
-def serving_process_of(topology: ScaledTopology, run_id: str) -> str:
-    """Which serve-flows process runs the flow run.
-
-    Both poll for it; the one whose claim Prefect refused logs "Aborted submission of flow
-    run '<id>'", so the other one runs it. Without a race, the one that logged it runs it.
-    """
-    names = ("flows-1", "flows-2")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        logs = {n: topology.processes[n].log.read_text(errors="replace") for n in names}
-        aborted = [n for n in names if f"Aborted submission of flow run '{run_id}'" in logs[n]]
-        if aborted:
-            return next(n for n in names if n not in aborted)
-        mentioned = [n for n in names if run_id in logs[n]]
-        if len(mentioned) == 1:
-            return mentioned[0]
-        time.sleep(0.2)
-    msg = f"cannot tell which serving process runs flow run {run_id}"
-    raise AssertionError(msg)
 
 
 async def test_serving_process_killed_run_crashes_and_a_retry_resumes_it(topology, pages):

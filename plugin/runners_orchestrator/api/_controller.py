@@ -1,4 +1,4 @@
-"""The orchestrator's routes: list, start, status, run envelope, cancel, and the probes.
+"""The orchestrator's routes: list, start, status, run envelope, cancel, suites, and the probes.
 
 :class:`OrchestratorController` is mounted by :class:`OrchestratorPlugin` through
 :meth:`OrchestratorController.mounted`, a subclass whose ``path`` is the ``route_prefix``
@@ -29,8 +29,8 @@ from prefect.client.schemas.objects import StateType
 from runners_orchestrator.api._errors import RETRY_AFTER_SECONDS, ApiError, exception_handlers
 from runners_orchestrator.api._gateway import PrefectGateway
 from runners_orchestrator.api._openapi import client_parameters
-from runners_orchestrator.api._params import bind_parameters
-from runners_orchestrator.api._schemas import ErrorBody, Health, Ready, RunEnded
+from runners_orchestrator.api._params import bind_parameters, suite_selection
+from runners_orchestrator.api._schemas import ErrorBody, Health, Ready, RunEnded, SuiteList
 from runners_orchestrator.api._state import ApiState, find_workflow, run_status
 from runners_orchestrator.discovery import Discovery
 from runners_orchestrator.exceptions import ConfigurationError
@@ -239,10 +239,14 @@ class OrchestratorController(Controller):
             400: _answer(
                 "The body is not JSON, does not match the workflow's parameters "
                 "(`details.issues` names every field), names a refused target, or the "
-                "Idempotency-Key is empty or too long."
+                "Idempotency-Key is empty or too long; for a suite: `suite` with `jobs`, "
+                "a suite of another workflow, or tags and regions that match no job."
             ),
             401: UNAUTHORIZED,
-            404: NOT_FOUND,
+            404: _answer(
+                "No such workflow (`availableOrchestrators` lists them), or no such suite "
+                "(`details.availableSuites` lists them)."
+            ),
             409: _answer("Prefect refused to create the run; the message carries its reason."),
             413: _answer("The body is larger than the `max_body_size` setting."),
             500: MISCONFIGURED,
@@ -267,21 +271,63 @@ class OrchestratorController(Controller):
             body = json.loads(raw, parse_constant=_not_json) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-        values, parameters = bind_parameters(workflow, body)
-        await orchestrator.check_targets(values)
         key = idempotency_key
+        suite_run = None
+        if isinstance(body, dict) and "suite" in body:
+            # The suite's jobs are the operator's (its file), not the client's: no target check.
+            suite_run = suite_selection(orchestrator, workflow, body)
+            parameters = suite_run.parameters
+        else:
+            values, parameters = bind_parameters(workflow, body)
+            await orchestrator.check_targets(values)
+        deployment = suite_run.suite.deployment_name if suite_run is not None else None
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key: 1 to 255 characters")
-        flow_run = await prefect.start(workflow, parameters, key)
+        flow_run = await prefect.start(workflow, parameters, key, deployment)
         run_id = str(flow_run.id)
-        started = {
+        started: dict[str, Any] = {
             "runId": run_id,
             "orchestrator": workflow.name,
             "status": "started",
             "statusUrl": f"{orchestrator.prefix}/{quote(workflow.name)}?runId={run_id}",
             "uiUrl": orchestrator.ui_url(run_id),
         }
+        if suite_run is not None:
+            started["suite"] = suite_run.suite.name
+            started["jobs"] = suite_run.job_count
         return Response(started, status_code=202)
+
+    @get(
+        "/suites",
+        summary="List the check suites",
+        description="Every check suite: its workflow, schedule, job count, and from Prefect "
+        "whether it is paused, its deployment and its next scheduled run. Invalid suite "
+        "files are listed in `problems`, one line each.",
+        cache_control=None,
+        responses={500: MISCONFIGURED, 503: UNAVAILABLE},
+    )
+    async def list_suites(self, orchestrator: Orchestrator, prefect: Gateway) -> SuiteList:
+        """The suites from the files, with what Prefect knows of their deployments."""
+        scan = orchestrator.suites()
+        suites = [scan.suites[name] for name in sorted(scan.suites)]
+        deployed = await prefect.suite_deployments(s.deployment_name for s in suites)
+        return {
+            "suites": [
+                {
+                    "name": suite.name,
+                    "workflow": suite.workflow,
+                    "description": suite.description,
+                    "schedule": suite.schedule.describe() if suite.schedule else None,
+                    "jobs": len(suite.runner_jobs()),
+                    "deployment": suite.deployment_name,
+                    "deploymentId": deployed.get(suite.deployment_name, {}).get("id"),
+                    "paused": deployed.get(suite.deployment_name, {}).get("paused"),
+                    "nextRunAt": deployed.get(suite.deployment_name, {}).get("nextRunAt"),
+                }
+                for suite in suites
+            ],
+            "problems": list(scan.problems),
+        }
 
     @get(
         "/{name:str}",

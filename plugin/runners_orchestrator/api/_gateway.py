@@ -160,18 +160,21 @@ class PrefectGateway:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def deployment_id(self, workflow: Workflow) -> UUID:
+    async def deployment_id(self, workflow: Workflow, deployment: str | None = None) -> UUID:
         """The id of the deployment that runs ``workflow`` (cached per process).
+
+        ``deployment`` names another deployment of the workflow's flow than its own (a
+        check suite's, ``suite-shop``).
 
         Raises:
             PrefectUnavailableError: no deployment serves the workflow.
         """
-        name = f"{workflow.flow.name}/{workflow.name}"
+        name = f"{workflow.flow.name}/{deployment or workflow.name}"
         cached = self._deployments.get(name)
         if cached is not None:
             return cached
         try:
-            deployment = await self._call(
+            found = await self._call(
                 "read deployment", lambda: self.client.read_deployment_by_name(name)
             )
         except ObjectNotFound:
@@ -181,14 +184,19 @@ class PrefectGateway:
                 "prefect deploy --all`; retry later",
                 workflow.name,
             ) from None
-        self._deployments[name] = deployment.id
-        return deployment.id
+        self._deployments[name] = found.id
+        return found.id
 
     async def start(
-        self, workflow: Workflow, parameters: dict[str, Any], idempotency_key: str | None
+        self,
+        workflow: Workflow,
+        parameters: dict[str, Any],
+        idempotency_key: str | None,
+        deployment: str | None = None,
     ) -> FlowRun:
-        """Create a flow run of ``workflow``'s deployment."""
-        deployment_id = await self.deployment_id(workflow)
+        """Create a flow run of ``workflow``'s deployment (or of its ``deployment``)."""
+        full_name = f"{workflow.flow.name}/{deployment or workflow.name}"
+        deployment_id = await self.deployment_id(workflow, deployment)
 
         async def create() -> FlowRun:
             body = DeploymentFlowRunCreate(
@@ -219,14 +227,14 @@ class PrefectGateway:
                 return await self._call("create flow run", create)
         except ObjectNotFound:
             # The deployment was deleted since we cached it (a reload, a redeploy): once more.
-            self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
-            deployment_id = await self.deployment_id(workflow)
+            self._deployments.pop(full_name, None)
+            deployment_id = await self.deployment_id(workflow, deployment)
             try:
                 async with self._writes:
                     return await self._call("create flow run", create)
             except ObjectNotFound:
                 # Deleted again in between: not startable right now, never a 500.
-                self._deployments.pop(f"{workflow.flow.name}/{workflow.name}", None)
+                self._deployments.pop(full_name, None)
                 raise DeploymentMissingError(
                     f"the deployment of {workflow.name!r} disappeared while the run was "
                     "created (serve-flows restarting?); retry later",
@@ -273,6 +281,49 @@ class PrefectGateway:
             else:
                 self._deployments.pop(full, None)
         return {wanted[full] for full in found if full in wanted}
+
+    async def suite_deployments(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Deployment name → ``{"id", "paused", "nextRunAt"}`` for those of ``names`` that exist.
+
+        ``nextRunAt`` is the earliest scheduled run's expected start (ISO 8601), or None.
+        """
+        from prefect.client.schemas.filters import (  # noqa: PLC0415
+            FlowRunFilter,
+            FlowRunFilterDeploymentId,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.sorting import FlowRunSort  # noqa: PLC0415
+
+        wanted = sorted(set(names))
+        if not wanted:
+            return {}
+        by_name = DeploymentFilter(name=DeploymentFilterName(any_=wanted))
+        found = await self._call(
+            "read deployments",
+            lambda: self.client.read_deployments(deployment_filter=by_name, limit=PAGE),
+        )
+        out = {d.name: {"id": str(d.id), "paused": d.paused, "nextRunAt": None} for d in found}
+        ids = {d.id: d.name for d in found}
+        if ids:
+            scheduled = FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=list(ids)),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+            )
+            runs = await self._call(
+                "read scheduled runs",
+                lambda: self.client.read_flow_runs(
+                    flow_run_filter=scheduled,
+                    sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+                    limit=PAGE,
+                ),
+            )
+            for run in runs:
+                entry = out[ids[run.deployment_id]] if run.deployment_id in ids else None
+                when = run.next_scheduled_start_time or run.expected_start_time
+                if entry is not None and entry["nextRunAt"] is None and when is not None:
+                    entry["nextRunAt"] = when.isoformat()
+        return out
 
     async def read(self, run_id: UUID) -> FlowRun:
         """The flow run ``run_id``.

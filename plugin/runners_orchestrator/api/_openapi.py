@@ -7,6 +7,11 @@ the type hints, with the generic operations' parameters and answers (one ``Error
 schema for every error). Pydantic ``definitions`` move to ``components/schemas`` so that
 every ``$ref`` resolves inside the document.
 
+A workflow that takes ``jobs`` also accepts a check suite instead of its parameters
+(``{"suite", "tags", "regions"}``, see ``monitoring.selection``): its body is either. The
+suite's name is a plain string, not an enum of today's suites: suites come and go while the
+API runs, and an unknown one is a documented 404.
+
 What the API refuses whatever the type hints say is taken out of the schema too: an
 ``options.registry`` unless the operator allows client registries, and a ``loadBalancer``
 that is not one of the installed balancers (import paths are for the operator only).
@@ -146,6 +151,26 @@ def _body_schema(
     return body
 
 
+def _suite_body() -> dict[str, Any]:
+    """The body that runs a check suite, narrowed by tag and region."""
+    names = {"type": "array", "items": {"type": "string"}}
+    return {
+        "title": "A check suite",
+        "type": "object",
+        "properties": {
+            "suite": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The suite's name (its file name in checks/).",
+            },
+            "tags": {**names, "description": "Keep only the jobs that have every one of these."},
+            "regions": {**names, "description": "Keep only the jobs in one of these regions."},
+        },
+        "required": ["suite"],
+        "additionalProperties": False,
+    }
+
+
 def _workflow_path(
     generic: PathItem, name: str, description: str, body: dict[str, Any]
 ) -> PathItem:
@@ -206,6 +231,8 @@ def add_workflow_operations(
             workflow.parameters, allow_client_registry=allow_client_registry
         )
         body = _body_schema(name, parameters, components)
+        if "jobs" in (parameters.get("properties") or {}):
+            body = {"title": f"{name}: parameters or a suite", "anyOf": [body, _suite_body()]}
         document.paths[f"{prefix}/{name}"] = _workflow_path(
             generic, name, workflow.description, body
         )

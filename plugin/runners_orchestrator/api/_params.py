@@ -29,9 +29,17 @@ from runners_orchestrator.results import to_json
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from runners_orchestrator.api._state import ApiState
     from runners_orchestrator.discovery import Workflow
+    from runners_orchestrator.monitoring.selection import SuiteRun
 
-__all__ = ["balancer_names", "bind_parameters", "find_instances", "jobs_and_options"]
+__all__ = [
+    "balancer_names",
+    "bind_parameters",
+    "find_instances",
+    "jobs_and_options",
+    "suite_selection",
+]
 
 _adapters: WeakKeyDictionary[Callable[..., Any], dict[str, TypeAdapter[Any]]] = WeakKeyDictionary()
 
@@ -155,3 +163,70 @@ def find_instances(value: object, kind: type[Any]) -> Iterator[Any]:
 def jobs_and_options(values: dict[str, Any]) -> tuple[list[RunnerJob], list[OrchestrateOptions]]:
     """The jobs and options anywhere in a run's parameters, for the security checks."""
     return list(find_instances(values, RunnerJob)), list(find_instances(values, OrchestrateOptions))
+
+
+def suite_selection(state: ApiState, workflow: Workflow, body: dict[str, Any]) -> SuiteRun:
+    """A body ``{"suite", "tags"?, "regions"?}`` as the run of the suite's matching jobs.
+
+    Raises:
+        ApiError: 400 for a malformed selection, ``suite`` with ``jobs``, a suite of another
+            workflow or a filter that matches no job; 404 for an unknown suite (listing
+            the suites); 500 when the suite's file is invalid (the operator's to fix).
+    """
+    from runners_orchestrator.monitoring.selection import (  # noqa: PLC0415
+        EmptySelectionError,
+        SuiteNotFoundError,
+        SuiteSelection,
+        select_suite_run,
+    )
+
+    if "jobs" not in _signature(workflow)[1]:
+        raise ApiError(
+            400,
+            "invalid_parameters",
+            f"{workflow.name} takes no jobs, so it cannot run a suite",
+            {"issues": [{"path": ["suite"], "message": "this workflow runs no suites"}]},
+        )
+    if "jobs" in body or "options" in body:
+        given = [key for key in ("jobs", "options") if key in body]
+        raise ApiError(
+            400,
+            "invalid_parameters",
+            f"give either suite (its jobs and options come from its file) or jobs, "
+            f"not suite with {' and '.join(given)}",
+            {"issues": [{"path": [key], "message": "not allowed with suite"} for key in given]},
+        )
+    try:
+        selection = SuiteSelection.model_validate_json(json.dumps(body), strict=True)
+    except ValidationError as exc:
+        issues = [
+            {"path": list(err["loc"]), "message": err["msg"]}
+            for err in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        summary = "; ".join(f"{_path(tuple(i['path']))}: {i['message']}" for i in issues[:3])
+        raise ApiError(
+            400,
+            "invalid_parameters",
+            f"the suite selection is invalid: {summary}",
+            {"issues": issues},
+        ) from None
+    scan = state.suites()
+    try:
+        run = select_suite_run(scan.suites, selection, scan.broken)
+    except SuiteNotFoundError as exc:
+        if selection.suite in scan.broken:
+            problems = [line for line in scan.problems if f"{selection.suite}.toml" in line]
+            raise ApiError(500, "configuration_error", f"{exc}: {'; '.join(problems)}") from None
+        raise ApiError(
+            404, "suite_not_found", str(exc), {"availableSuites": exc.available}
+        ) from None
+    except EmptySelectionError as exc:
+        raise ApiError(400, "no_matching_jobs", str(exc)) from None
+    if to_snake(run.suite.workflow) != workflow.name:
+        raise ApiError(
+            400,
+            "suite_of_another_workflow",
+            f"suite {run.suite.name!r} runs {run.suite.workflow}; start it at "
+            f"{state.prefix}/{run.suite.workflow}",
+        )
+    return run

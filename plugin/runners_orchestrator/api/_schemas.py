@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-__all__ = ["ErrorBody", "Health", "Ready", "RunEnded"]
+__all__ = ["ErrorBody", "Health", "Ready", "RunEnded", "SuiteInfo", "SuiteList"]
 
 
 class _ErrorFields(TypedDict):
@@ -51,3 +51,29 @@ class Ready(TypedDict):
     status: Literal["ready"]
     workflows: list[str]
     """Every discovered workflow; each can start."""
+
+
+class SuiteInfo(TypedDict):
+    """A check suite: from its file, and from Prefect its deployment's state."""
+
+    name: str
+    workflow: str
+    description: str | None
+    schedule: str | None
+    """``every 5m (UTC)``, ``cron */5 * * * * (Europe/Berlin)``; null: run on demand only."""
+    jobs: int
+    """Jobs of one run (one per job and region)."""
+    deployment: str
+    deploymentId: str | None
+    """Null until ``serve-flows`` (or ``prefect deploy``) registered it."""
+    paused: bool | None
+    """Prefect's pause of the deployment; null when it is not registered."""
+    nextRunAt: str | None
+    """The next scheduled run's start (ISO 8601); null when none is scheduled."""
+
+
+class SuiteList(TypedDict):
+    """Every check suite, and one line per problem of the invalid suite files."""
+
+    suites: list[SuiteInfo]
+    problems: list[str]

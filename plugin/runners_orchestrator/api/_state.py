@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.discovery import Discovery, Workflow
     from runners_orchestrator.models import OrchestrateOptions
+    from runners_orchestrator.monitoring.suites import SuiteScan
     from runners_orchestrator.settings import OrchestratorSettings
 
 __all__ = ["STATUS_BY_STATE", "ApiState", "find_workflow", "run_status"]
@@ -102,6 +103,8 @@ class ApiState:
     readiness: ReadinessCheck = field(default_factory=ReadinessCheck)
     _discovery: Discovery | None = None
     _discovered_at: float = 0.0
+    _suites: SuiteScan | None = None
+    _suites_at: float = 0.0
 
     @property
     def prefix(self) -> str:
@@ -152,6 +155,19 @@ class ApiState:
             self._discovery = discover(self.project_root, self.settings.pattern)
             self._discovered_at = now
         return self._discovery
+
+    def suites(self) -> SuiteScan:
+        """The check suites, read again at most every ``rediscover_seconds``.
+
+        An invalid suite file leaves the others available; its problems are in the scan.
+        """
+        from runners_orchestrator.monitoring.suites import scan_suites  # noqa: PLC0415
+
+        now = time.monotonic()
+        if self._suites is None or now - self._suites_at >= self.rediscover_seconds:
+            self._suites = scan_suites(self.discovery().root, self.settings.suites)
+            self._suites_at = now
+        return self._suites
 
     def ui_url(self, run_id: UUID | str) -> str | None:
         """The run's page in the Prefect UI, when the UI's address is known."""

@@ -49,10 +49,20 @@ def _deploy(args: argparse.Namespace) -> int:
         plan_deployments,
         write_deployments,
     )
+    from runners_orchestrator.monitoring.scheduling import prefect_yaml_entries  # noqa: PLC0415
+    from runners_orchestrator.monitoring.suites import load_suites  # noqa: PLC0415
+    from runners_orchestrator.settings import get_settings  # noqa: PLC0415
 
     discovery = discover_project()
     report_broken(discovery)
-    plan = plan_deployments(discovery)
+    settings = get_settings()
+    # Strict, unlike serving: the generated files must say exactly what the suites say.
+    suites = load_suites(discovery.root, settings.suites)
+    entries = prefect_yaml_entries(
+        suites.values(), discovery, settings.work_pool, settings.deployment_tags
+    )
+    plan = plan_deployments(discovery, entries)
+    counted = f"{len(plan.modules)} workflows" + (f", {len(suites)} suites" if suites else "")
     if args.check:
         stale = plan.stale()
         for line in stale:
@@ -60,13 +70,13 @@ def _deploy(args: argparse.Namespace) -> int:
         if stale:
             print(f"{PROG}: deployments are stale; run `{PROG} deploy`", file=sys.stderr)  # noqa: T201
             return 1
-        print(f"deployments are up to date ({len(plan.modules)} workflows)")  # noqa: T201
+        print(f"deployments are up to date ({counted})")  # noqa: T201
         return 0
     changed = write_deployments(plan)
     for line in changed:
         print(f"updated: {line}")  # noqa: T201
     print(  # noqa: T201
-        f"{len(plan.modules)} deployments in deployments/ and prefect.yaml"
+        f"{counted}: deployments in deployments/ and prefect.yaml"
         f"{'' if changed else ' (already up to date)'}; `prefect deploy --all` deploys them"
     )
     return 0

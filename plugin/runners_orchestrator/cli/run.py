@@ -1,7 +1,9 @@
 """``run``: start a workflow through the API or straight through Prefect, and follow it.
 
 The command a CI pipeline uses: with ``--wait`` its exit code says whether every check
-passed (0), any did not (1), or the command was wrong (2).
+passed (0), any did not (1), or the command was wrong (2). ``--suite shop [--tag checkout]
+[--region eu-west-1]`` runs a check suite's matching jobs as a run of the suite's own
+deployment (see ``monitoring.selection``) instead of jobs given here.
 """
 
 from __future__ import annotations
@@ -189,27 +191,43 @@ async def _backend(stack: contextlib.AsyncExitStack, api_url: str | None) -> Bac
     return PrefectBackend(gateway, discover_project())
 
 
-async def _run(args: argparse.Namespace, jobs: list[Any], options: dict[str, Any]) -> int:
+async def _start(backend: Backend, args: argparse.Namespace, jobs: list[Any]) -> tuple[str, str]:
+    """Start the run the arguments ask for; return the workflow's name and the run id."""
     from runners_orchestrator.client import RunStartError  # noqa: PLC0415
     from runners_orchestrator.discovery import to_snake  # noqa: PLC0415
 
+    if args.suite is not None:
+        try:
+            name, run_id, count = await backend.start_suite(args.suite, args.tag, args.region)
+        except RunStartError as exc:
+            raise CommandError(f"suite {args.suite} was not started: {exc}", usage=True) from None
+        if args.name is not None and to_snake(args.name) != name:
+            _waiting(f"suite {args.suite} runs {name}, not {args.name}")
+        if not args.json:
+            _waiting(f"suite {args.suite}: {count} jobs, run {run_id} of {name}")
+        return name, run_id
+    workflows = await backend.workflows()
+    name = args.name if args.name in workflows else to_snake(args.name)
+    if name not in workflows:
+        available = ", ".join(sorted(workflows)) or "none"
+        raise CommandError(f"unknown workflow {args.name!r}; available: {available}", usage=True)
+    body = _run_body(name, workflows[name], jobs, _read_options(args.option))
+    try:
+        return name, await backend.start(name, body)
+    except RunStartError as exc:
+        raise CommandError(f"{name} was not started: {exc}", usage=True) from None
+
+
+async def _run(args: argparse.Namespace, jobs: list[Any]) -> int:
     async with contextlib.AsyncExitStack() as stack:
         backend = await _backend(stack, args.api_url or get_settings().api_url)
-        workflows = await backend.workflows()
-        name = args.name if args.name in workflows else to_snake(args.name)
-        if name not in workflows:
-            available = ", ".join(sorted(workflows)) or "none"
-            raise CommandError(
-                f"unknown workflow {args.name!r}; available: {available}", usage=True
-            )
-        body = _run_body(name, workflows[name], jobs, options)
-        try:
-            run_id = await backend.start(name, body)
-        except RunStartError as exc:
-            raise CommandError(f"{name} was not started: {exc}", usage=True) from None
+        name, run_id = await _start(backend, args, jobs)
         if not args.wait:
             if args.json:
-                print(json.dumps({"runId": run_id, "orchestrator": name}))  # noqa: T201
+                started = {"runId": run_id, "orchestrator": name}
+                if args.suite is not None:
+                    started["suite"] = args.suite
+                print(json.dumps(started))  # noqa: T201
             else:
                 print(f"started {name}: runId {run_id}")  # noqa: T201
             return 0
@@ -229,13 +247,37 @@ async def _run(args: argparse.Namespace, jobs: list[Any], options: dict[str, Any
     return 0 if all_passed and run_ok else 1
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """NAME with --jobs or --job, or --suite (with --tag and --region): nothing else."""
+    if args.suite is not None:
+        extra = [
+            flag
+            for flag, given in (
+                ("--jobs", args.jobs),
+                ("--job", args.job),
+                ("--option", args.option),
+            )
+            if given
+        ]
+        if extra:
+            raise CommandError(
+                f"--suite takes its jobs and options from the suite file; drop {', '.join(extra)}",
+                usage=True,
+            )
+        return
+    if args.tag or args.region:
+        raise CommandError("--tag and --region select jobs of a --suite; add --suite", usage=True)
+    if args.name is None or (args.jobs is None and args.job is None):
+        raise CommandError("give NAME with --jobs FILE or --job JSON, or --suite NAME", usage=True)
+
+
 def _command(args: argparse.Namespace) -> int:
     from runners_orchestrator.client import RunStartError  # noqa: PLC0415
 
-    jobs = _read_jobs(args)
-    options = _read_options(args.option)
+    _check_arguments(args)
+    jobs = _read_jobs(args) if args.suite is None else []
     try:
-        return asyncio.run(_run(args, jobs, options))
+        return asyncio.run(_run(args, jobs))
     except (PrefectUnavailableError, RunStartError, RunNotFoundError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -245,11 +287,31 @@ def add_commands(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="start a workflow run (through the API, or straight through Prefect)",
-        description="Start NAME with jobs; with --wait, follow it and exit 0 only when every "
-        "check passed (1 when any failed or errored, 2 for a usage error).",
+        description="Start NAME with jobs, or a check suite's jobs (--suite, narrowed by --tag "
+        "and --region); with --wait, follow it and exit 0 only when every check passed (1 "
+        "when any failed or errored, 2 for a usage error).",
     )
-    run.add_argument("name", metavar="NAME", help="workflow name (snake_case or camelCase)")
-    source = run.add_mutually_exclusive_group(required=True)
+    run.add_argument(
+        "name", metavar="NAME", nargs="?", help="workflow name (snake_case or camelCase)"
+    )
+    run.add_argument(
+        "--suite", metavar="SUITE", help="run this check suite (checks/SUITE.toml) instead of jobs"
+    )
+    run.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="with --suite: only the jobs that have this tag; repeatable (every tag must match)",
+    )
+    run.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="REGION",
+        help="with --suite: only the jobs in this region; repeatable (any region matches)",
+    )
+    source = run.add_mutually_exclusive_group()
     source.add_argument(
         "--jobs", metavar="FILE", help="JSON file: a list of jobs, or {jobs: [...]}"
     )

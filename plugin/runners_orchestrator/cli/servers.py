@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runners_orchestrator.cli._common import (
+    PROG,
     CommandError,
     add_log_level,
     configure_logging,
@@ -25,6 +26,11 @@ from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Awaitable, Callable
+
+    from prefect.runner import Runner
+
+    from runners_orchestrator.discovery import Discovery
 
 __all__ = ["add_commands"]
 
@@ -137,10 +143,13 @@ def _serve_flows(args: argparse.Namespace) -> int:
     )
 
     configure_logging(args.log_level)
+    settings = get_settings()
     if args.reload:
         discovery = discover_project()
         command = reload_command(sys.argv[1:])
-        return asyncio.run(serve_with_reload(command, discovery.root, get_settings().pattern))
+        return asyncio.run(
+            serve_with_reload(command, discovery.root, settings.pattern, settings.suites)
+        )
     discovery = discover_project()
     report_broken(discovery)
     if not discovery.workflows:
@@ -152,9 +161,31 @@ def _serve_flows(args: argparse.Namespace) -> int:
                 query_seconds=args.poll,
                 limit=args.limit,
                 forkserver=args.start == "fork",
+                register=_suite_registrar(discovery),
             )
         )
     return 0
+
+
+def _suite_registrar(discovery: Discovery) -> Callable[[Runner], Awaitable[object]]:
+    """What serve-flows adds after the workflows: the check suites' scheduled deployments.
+
+    A broken suite file is one warning line per problem; the rest is served regardless.
+    """
+    from runners_orchestrator.monitoring.scheduling import register_suites  # noqa: PLC0415
+    from runners_orchestrator.monitoring.suites import scan_suites  # noqa: PLC0415
+
+    settings = get_settings()
+
+    async def register(runner: Runner) -> None:
+        scan = scan_suites(discovery.root, settings.suites)
+        problems = await register_suites(
+            runner, discovery, scan, deployment_tags=settings.deployment_tags
+        )
+        for problem in problems:
+            print(f"{PROG}: warning: {problem}", file=sys.stderr, flush=True)  # noqa: T201
+
+    return register
 
 
 def _dev(args: argparse.Namespace) -> int:

@@ -15,9 +15,11 @@ from runners_orchestrator.monitoring.suites import (
     Suite,
     SuiteError,
     SuiteJob,
+    SuiteScan,
     check_key,
     load_suite,
     load_suites,
+    scan_suites,
 )
 
 __all__ = [
@@ -34,8 +36,10 @@ __all__ = [
     "SuiteError",
     "SuiteJob",
     "SuiteRules",
+    "SuiteScan",
     "check_key",
     "checks_of_run",
     "load_suite",
     "load_suites",
+    "scan_suites",
 ]

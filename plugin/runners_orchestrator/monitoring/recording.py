@@ -42,11 +42,16 @@ from runners_orchestrator.monitoring.store import (
     Status,
     Transition,
 )
-from runners_orchestrator.monitoring.suites import SUITE_TAG_PREFIX, SuiteError, check_key
+from runners_orchestrator.monitoring.suites import (
+    DEFAULT_SUITE_PATTERNS,
+    SUITE_TAG_PREFIX,
+    check_key,
+    scan_suites,
+)
 from runners_orchestrator.results import is_missing, read_result
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from prefect.client.orchestration import PrefectClient
@@ -265,26 +270,29 @@ class SuiteRules:
 
     project_root: Path | None
     default_alert_after: int
+    patterns: Sequence[str] = DEFAULT_SUITE_PATTERNS
+    """The ``suites`` setting: where the suite files are."""
     reload_seconds: float = 2.0
     _suites: dict[str, Suite] = field(default_factory=dict)
     _loaded_at: float = -1e9
-    _problem: str | None = None
+    _problems: list[str] = field(default_factory=list)
 
     def _reload(self) -> None:
-        from runners_orchestrator.monitoring.suites import load_suites  # noqa: PLC0415
         from runners_orchestrator.settings import find_project_root  # noqa: PLC0415
 
         now = time.monotonic()
         if now - self._loaded_at < self.reload_seconds:
             return
         self._loaded_at = now
-        try:
-            self._suites = load_suites(find_project_root(self.project_root))
-            self._problem = None
-        except SuiteError as exc:
-            if str(exc) != self._problem:
-                logger.warning("suites not reloaded, the last valid ones alert: %s", exc)
-            self._problem = str(exc)
+        scan = scan_suites(find_project_root(self.project_root), self.patterns)
+        kept = {name: self._suites[name] for name in scan.broken if name in self._suites}
+        self._suites = {**kept, **scan.suites}
+        if scan.problems and scan.problems != self._problems:
+            logger.warning(
+                "suite files with problems (their last valid version alerts): %s",
+                "; ".join(scan.problems),
+            )
+        self._problems = scan.problems
 
     def rule_of(self, suite: str | None) -> AlertRule | None:
         """The alert rule of ``suite``'s checks; ``None`` for checks of no suite."""

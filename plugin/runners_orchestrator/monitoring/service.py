@@ -98,7 +98,7 @@ class MonitoringService:
                 self.recorder = Recorder(
                     store,
                     client,
-                    SuiteRules(self.project_root, self.settings.alert_after),
+                    SuiteRules(self.project_root, self.settings.alert_after, self.settings.suites),
                     poll_seconds=self.settings.monitoring_poll_seconds,
                     ui_base=self.ui_base,
                     server_urls={s.id: s.url for s in self.settings.registry.servers},

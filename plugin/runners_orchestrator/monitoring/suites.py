@@ -31,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -52,9 +53,11 @@ __all__ = [
     "Suite",
     "SuiteError",
     "SuiteJob",
+    "SuiteScan",
     "check_key",
     "load_suite",
     "load_suites",
+    "scan_suites",
 ]
 
 DEFAULT_SUITE_PATTERNS = ("checks/**/*.toml",)
@@ -62,6 +65,10 @@ DEFAULT_SUITE_PATTERNS = ("checks/**/*.toml",)
 
 SUITE_TAG_PREFIX = "suite:"
 """Tag of a suite's deployment (and so of its flow runs): ``suite:shop``."""
+
+INTERVAL_ANCHOR = datetime(2020, 1, 1)  # noqa: DTZ001 - naive on purpose: the suite's zone
+"""Where interval schedules count from, in the suite's time zone: a 5m suite runs at :00,
+:05, ... of the clock, and the schedule is the same at every restart and regeneration."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -142,6 +149,50 @@ class Schedule(_Strict):
         if (self.cron is None) == (self.interval is None):
             raise ValueError("give exactly one of cron or interval")
         return self
+
+    def to_prefect(self) -> Any:
+        """Prefect's schedule object (``CronSchedule`` or ``IntervalSchedule``)."""
+        from prefect.client.schemas.schedules import (  # noqa: PLC0415 - Prefect is slow to import
+            CronSchedule,
+            IntervalSchedule,
+        )
+
+        if self.cron is not None:
+            return CronSchedule(cron=self.cron, timezone=self.timezone)
+        assert self.interval is not None  # noqa: S101 - _one_kind
+        return IntervalSchedule(
+            interval=self.interval, anchor_date=self.anchor(), timezone=self.timezone
+        )
+
+    def anchor(self) -> datetime:
+        """Where an interval schedule counts from: :data:`INTERVAL_ANCHOR` in its time zone.
+
+        Aware: Prefect takes a naive anchor as UTC, whatever the schedule's zone.
+        """
+        return INTERVAL_ANCHOR.replace(tzinfo=ZoneInfo(self.timezone))
+
+    def to_prefect_yaml(self) -> dict[str, Any]:
+        """The schedule as an entry of ``schedules:`` in ``prefect.yaml``."""
+        if self.cron is not None:
+            return {"cron": self.cron, "timezone": self.timezone}
+        assert self.interval is not None  # noqa: S101 - _one_kind
+        seconds = self.interval.total_seconds()
+        return {
+            "interval": int(seconds) if seconds.is_integer() else seconds,
+            "anchor_date": self.anchor().isoformat(),
+            "timezone": self.timezone,
+        }
+
+    def describe(self) -> str:
+        """``every 5m (UTC)`` or ``cron */5 * * * * (Europe/Berlin)``, for people."""
+        if self.cron is not None:
+            return f"cron {self.cron} ({self.timezone})"
+        assert self.interval is not None  # noqa: S101 - _one_kind
+        seconds = self.interval.total_seconds()
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= size and (seconds / size).is_integer():
+                return f"every {int(seconds / size)}{unit} ({self.timezone})"
+        return f"every {seconds:g}s ({self.timezone})"
 
 
 class AlertDestination(_Strict):
@@ -276,6 +327,63 @@ def load_suite(path: Path) -> Suite:
         raise SuiteError("\n".join(lines)) from None
 
 
+@dataclass(frozen=True)
+class SuiteScan:
+    """What a look at the suite files found: the valid suites, and what is wrong with the rest.
+
+    Serving goes on with the valid suites when a file breaks (a typo must not stop the
+    monitoring of everything else); ``deploy`` refuses (its output must be exact).
+    """
+
+    suites: dict[str, Suite] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """One line per problem, each naming the file and the field."""
+    broken: frozenset[str] = frozenset()
+    """Names of the suites whose file is invalid (the name is the file's)."""
+
+    def raise_problems(self) -> None:
+        """Raise the problems, if any, as one :class:`SuiteError` of one line each.
+
+        Raises:
+            SuiteError: a suite file is invalid.
+        """
+        if self.problems:
+            raise SuiteError("\n".join(self.problems))
+
+
+def scan_suites(project_root: Path, patterns: Sequence[str] = DEFAULT_SUITE_PATTERNS) -> SuiteScan:
+    """Read every suite file; keep the valid ones and report the others, one line per problem.
+
+    Two files giving one suite name: the first (in path order) is kept, the second reported.
+    """
+    files = sorted(
+        {
+            path
+            for pattern in patterns
+            for path in project_root.glob(pattern)
+            if path.is_file() and not path.name.startswith(".")
+        }
+    )
+    suites: dict[str, Suite] = {}
+    problems: list[str] = []
+    broken: set[str] = set()
+    for path in files:
+        try:
+            suite = load_suite(path)
+        except SuiteError as exc:
+            problems.extend(str(exc).splitlines())
+            broken.add(path.stem)
+            continue
+        if suite.name in suites:
+            problems.append(
+                f"{path}: two suites are named {suite.name!r} ({suites[suite.name].path} too); "
+                "rename one file"
+            )
+            continue
+        suites[suite.name] = suite
+    return SuiteScan(suites, problems, frozenset(broken - set(suites)))
+
+
 def load_suites(
     project_root: Path, patterns: Sequence[str] = DEFAULT_SUITE_PATTERNS
 ) -> dict[str, Suite]:
@@ -285,22 +393,6 @@ def load_suites(
         SuiteError: a file is invalid (every invalid file is reported, one after another),
             or two files give one suite name.
     """
-    files = sorted({path for pattern in patterns for path in project_root.glob(pattern)})
-    suites: dict[str, Suite] = {}
-    problems: list[str] = []
-    for path in files:
-        try:
-            suite = load_suite(path)
-        except SuiteError as exc:
-            problems.append(str(exc))
-            continue
-        if suite.name in suites:
-            problems.append(
-                f"{path}: two suites are named {suite.name!r} ({suites[suite.name].path} too); "
-                "rename one file"
-            )
-            continue
-        suites[suite.name] = suite
-    if problems:
-        raise SuiteError("\n".join(problems))
-    return suites
+    scan = scan_suites(project_root, patterns)
+    scan.raise_problems()
+    return scan.suites

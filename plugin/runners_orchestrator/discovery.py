@@ -62,7 +62,9 @@ __all__ = [
     "to_snake",
 ]
 
-RESERVED_NAMES = frozenset({"runs", "health", "ready", "schema", "docs", "openapi", "suites"})
+RESERVED_NAMES = frozenset(
+    {"runs", "health", "ready", "schema", "docs", "openapi", "suites", "checks"}
+)
 """Names the HTTP API uses for its own routes under the prefix."""
 
 MODULE_PREFIX = "runners_orchestrator_workflows"

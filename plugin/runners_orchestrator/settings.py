@@ -225,6 +225,41 @@ class OrchestratorSettings(BaseSettings):
     batch_size: int = Field(
         default=100, ge=1, description="Jobs per Prefect task above task_per_job_limit."
     )
+    # -- monitoring: history and alerts (runners_orchestrator.monitoring) ---------------
+    monitoring_database_url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy async URL of the database that keeps history and alerts; "
+        "unset: Prefect's own database (PREFECT_SERVER_DATABASE_CONNECTION_URL).",
+    )
+    monitoring: bool = Field(
+        default=True,
+        description="Record history and send alerts from the API process (`serve`, `dev`).",
+    )
+    monitoring_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often finished runs are looked for in Prefect."
+    )
+    alert_after: int = Field(
+        default=2,
+        ge=1,
+        description="Consecutive failures before a check of a suite alerts, when the suite "
+        "does not say.",
+    )
+    alert_max_attempts: int = Field(
+        default=12,
+        ge=1,
+        description="Deliveries tried per alert and destination before it is given up.",
+    )
+    alert_backoff: float = Field(
+        default=1.0,
+        gt=0,
+        description="Wait in seconds before an alert's second delivery (doubles per attempt).",
+    )
+    alert_backoff_max: float = Field(
+        default=300.0, gt=0, description="Longest wait in seconds between two deliveries."
+    )
+    history_retention_days: float = Field(
+        default=30.0, gt=0, description="Days of check results kept; older ones are pruned."
+    )
 
     @field_validator("pattern", "suites", mode="before")
     @classmethod

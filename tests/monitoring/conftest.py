@@ -1,4 +1,5 @@
-"""A Prefect server that schedules, two runner servers, and a project with check suites.
+"""A Prefect server that schedules, two runner servers, and a project with check suites;
+for history and alerts, a webhook receiver, a page that toggles and the recording flow.
 
 Prefect's test harness runs its server as "ephemeral", which starts no scheduler: the
 suites' scheduled runs need a real ``prefect server start``, configured as ``dev``
@@ -20,13 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from monitoring_helpers import TogglePage, WebhookReceiver
 
-from helpers import CLI, free_port, serve_app
+from helpers import CLI, PAGES, free_port, serve_app
+from runners_orchestrator.discovery import discover
 from runners_orchestrator.embedded import EMBEDDED_PREFECT_ENV
 from runners_orchestrator.runner_server import RunnerServerConfig, create_runner_app
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 ROOT = Path(__file__).parents[2]
 
@@ -187,3 +190,33 @@ def project(
         "PWD": str(root),
     }
     return Project(root, env)
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def toggle_page(pages) -> Iterator[TogglePage]:
+    page = TogglePage(pages)
+    yield page
+    PAGES.pop(page.path, None)
+
+
+@pytest.fixture(scope="session")
+def orchestrate(prefect_server) -> Callable[..., Any]:
+    """The seed's orchestration flow as discovery serves it (it records its result)."""
+    return discover(ROOT).get("orchestrate_runners").flow
+
+
+@pytest.fixture
+def use_runner(monkeypatch, runner_url) -> str:
+    """The orchestrator's registry: the session's runner server, region us-east-1."""
+    registry = {
+        "servers": [{"id": "us-1", "url": f"{runner_url}/api/runner", "region": "us-east-1"}]
+    }
+    monkeypatch.setenv("ORCHESTRATOR_REGISTRY", json.dumps(registry))
+    return runner_url

@@ -1,7 +1,13 @@
-"""The orchestrator HTTP API as a Litestar plugin: list, start, status, run, cancel."""
+"""The orchestrator HTTP API as a Litestar plugin: list, start, status, run, cancel, history.
+
+The plugin also runs monitoring in the app's lifespan (``monitoring.service``): the
+recorder of finished runs, the alert sender and retention, so that ``serve`` and ``dev``
+keep history and send alerts with no process of their own.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -10,15 +16,18 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins import InitPlugin
 
+from runners_orchestrator.api._checks_controller import ChecksController
 from runners_orchestrator.api._controller import OrchestratorController
 from runners_orchestrator.api._errors import exception_handlers
 from runners_orchestrator.api._openapi import add_workflow_operations
 from runners_orchestrator.api._state import STATUS_BY_STATE as STATUS_BY_STATE  # noqa: PLC0414 - re-exported for the CLI's client
 from runners_orchestrator.api._state import ApiState
 from runners_orchestrator.exceptions import ConfigurationError
+from runners_orchestrator.monitoring.service import MonitoringService
 from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from litestar.config.app import AppConfig
@@ -63,6 +72,12 @@ class OrchestratorPlugin(InitPlugin):
             ui_base_url=self.config.ui_url,
             rediscover_seconds=self.config.rediscover_seconds,
         )
+        self._monitoring = MonitoringService(
+            settings=self._api.settings,
+            project_root=self.config.project_root,
+            prefect_api_url=self.config.prefect_api_url,
+            ui_url=self.config.ui_url,
+        )
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Add the controller, the Prefect client's lifespan and the OpenAPI operations.
@@ -71,9 +86,18 @@ class OrchestratorPlugin(InitPlugin):
         nothing the app's owner configured is replaced.
         """
         app_config.route_handlers.append(OrchestratorController.mounted(self._api))
-        app_config.lifespan = [*app_config.lifespan, self._api.lifespan]
+        app_config.route_handlers.append(
+            ChecksController.mounted(self._api.prefix, self._monitoring)
+        )
+        app_config.lifespan = [*app_config.lifespan, self._api.lifespan, self._monitor]
         app_config.on_startup = [*app_config.on_startup, self._document_workflows]
         return app_config
+
+    @contextlib.asynccontextmanager
+    async def _monitor(self, _: Litestar) -> AsyncIterator[None]:
+        """History and alerts for the life of the app (see ``monitoring.service``)."""
+        async with self._monitoring.running():
+            yield
 
     def _document_workflows(self, app: Litestar) -> None:
         if app.openapi_config is None:

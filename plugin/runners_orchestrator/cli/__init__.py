@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from runners_orchestrator.cli import project, run, servers
+from runners_orchestrator.cli import history, project, run, servers
 from runners_orchestrator.cli._common import PROG, CommandError, Parser
 from runners_orchestrator.exceptions import ConfigurationError
 
@@ -37,6 +37,7 @@ def build_parser() -> Parser:
     servers.add_commands(commands)
     run.add_commands(commands)
     project.add_commands(commands)
+    history.add_commands(commands)
     return parser
 
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Self
+from typing import IO, Any, Literal, Self
 
 import httpx
 
@@ -199,9 +199,7 @@ class ScaledTopology:
     def prefect_server_env(self) -> dict[str, str]:
         """What every Prefect server process gets: docs/scaling.md, "Prefect's side"."""
         return {
-            "PREFECT_API_DATABASE_CONNECTION_URL": (
-                f"{POSTGRES.replace('postgresql://', 'postgresql+asyncpg://')}/{self.database}"
-            ),
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url,
             "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
             "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
             "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
@@ -258,6 +256,25 @@ class ScaledTopology:
             "ORCHESTRATOR_REGISTRY": self.registry(),
             "ORCHESTRATOR_CRASH_AFTER": str(CRASH_AFTER),
         }
+
+    @property
+    def database_url(self) -> str:
+        """Prefect's PostgreSQL database, as SQLAlchemy's async driver names it."""
+        return f"{POSTGRES.replace('postgresql://', 'postgresql+asyncpg://')}/{self.database}"
+
+    def api_env(self) -> dict[str, str]:
+        """The API replicas also keep history and alerts in Prefect's PostgreSQL."""
+        return {**self.client_env(), "ORCHESTRATOR_MONITORING_DATABASE_URL": self.database_url}
+
+    async def query(self, sql: str, *args: Any) -> list[Any]:
+        """Rows of ``sql`` in Prefect's own database (the run's database)."""
+        import asyncpg  # noqa: PLC0415 - Prefect's own PostgreSQL driver
+
+        connection = await asyncpg.connect(f"{POSTGRES}/{self.database}")
+        try:
+            return list(await connection.fetch(sql, *args))
+        finally:
+            await connection.close()
 
     # -- processes ----------------------------------------------------------------------
 
@@ -325,7 +342,7 @@ class ScaledTopology:
                 self._add(name, [*cli, *args, "--log-level", "warning"], self.client_env())
         for name in ("api-1", "api-2"):
             args = ["serve", "--port", str(self.ports[name]), "--log-level", "warning"]
-            self._add(name, [*cli, *args], self.client_env())
+            self._add(name, [*cli, *args], self.api_env())
         self._haproxy("api-lb", "/api/orchestrator", ["api-1", "api-2"])
         for i in range(self.runner_servers):
             port = self.ports[f"runner-{i}"]

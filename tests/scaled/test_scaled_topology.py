@@ -60,6 +60,26 @@ async def test_runs_started_through_the_load_balancer_complete_on_either_server(
             envelope = (await direct.get(f"{PREFIX}/runs/{run_ids[0]}")).json()
         assert envelope["status"] == "completed"
         assert envelope["result"] == summaries[0]
+    # Both replicas record finished runs into Prefect's PostgreSQL: each run once, and
+    # either replica serves the same history.
+    urls = {job["job"]["url"] for job in summaries[0]["jobs"]}
+    deadline = time.monotonic() + 60
+    while True:
+        rows = await topology.query(
+            "SELECT flow_run_id, count(*) FROM runners_orchestrator_results "
+            "WHERE flow_run_id = ANY($1::text[]) GROUP BY flow_run_id",
+            run_ids,
+        )
+        if len(rows) == len(run_ids) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert {row["flow_run_id"]: row["count"] for row in rows} == dict.fromkeys(run_ids, 3)
+    for replica in ("api-1", "api-2"):
+        base = f"http://127.0.0.1:{topology.ports[replica]}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as direct:
+            listing = (await direct.get(f"{PREFIX}/checks", params={"limit": 500})).json()
+        runs = {check["url"]: check["runs"] for check in listing["checks"] if check["url"] in urls}
+        assert runs == dict.fromkeys(urls, len(run_ids)), replica
 
 
 @pytest.mark.timeout(1200)  # 1000 jobs through 16 serving slots on 2 cores: minutes, not hung

@@ -189,12 +189,10 @@ def _screenshots(summary: RunSummary) -> list[str]:
     for job, result, url in shots[:MAX_LISTED]:
         label = f"{job.job_id} {result.name} {result.status}"
         check = f"{result.name} **{result.status}** on {job.server or '?'}"
-        lines += [
-            f"- `{job.job_id}` {job.job.url} · {check}: [screenshot]({url})",
-            "",
-            f"  [![{label}]({url})]({url})",
-            "",
-        ]
+        # The image on a line of its own: the Prefect UI shows a link's text, not an image
+        # inside it, and an indented one would belong to the list item.
+        lines += [f"- `{job.job_id}` {job.job.url} · {check}: [screenshot]({url})", ""]
+        lines += [f"![{label}]({url})", ""]
     if len(shots) > MAX_LISTED:
         lines.append(f"- … and {len(shots) - MAX_LISTED} more (their URLs are in the table)")
     return lines

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ __all__ = [
 logger = logging.getLogger("runners_orchestrator.reporting")
 
 PROGRESS_PREFIX = "jobs done: "
+
+_PLAIN_URL = re.compile(r"https?://[^\s()<>\[\]]+")
 
 MAX_LISTED = 50
 """Jobs (or screenshots) listed by name in a section of the summary: keeps the page readable."""
@@ -111,9 +114,13 @@ def tries_path(job: JobResult) -> str:
 
 
 def screenshot_of(result: RunnerResult) -> str:
-    """The URL of a browser check's screenshot (``details.screenshot``), or ``""``."""
+    """The URL of a browser check's screenshot (``details.screenshot``), or ``""``.
+
+    Only a plain ``http(s)`` URL: it comes from a runner server, which may be anyone's, and
+    goes into Markdown, where a space, a parenthesis or an angle bracket would end the link.
+    """
     shot = (result.details or {}).get("screenshot")
-    return shot if isinstance(shot, str) and shot.startswith(("http://", "https://")) else ""
+    return shot if isinstance(shot, str) and _PLAIN_URL.fullmatch(shot) else ""
 
 
 def results_table(summary: RunSummary) -> list[dict[str, object]]:

@@ -259,9 +259,13 @@ class ScriptedRunnerServer:
     execute request it receives.
     """
 
-    def __init__(self, region: str = "us-east-1", *, health: bool = True) -> None:
+    def __init__(
+        self, region: str = "us-east-1", *, health: bool = True, runners: list[str] | None = None
+    ) -> None:
         self.region = region
         self.health = health
+        self.runners = runners
+        """What its /info lists; unset, /info lists nothing, so it may be sent any runner."""
         self.execute_calls = 0
         self.answers: list[tuple[int, Any, dict[str, str]]] = []
         """Queued (status, body, headers) answers; "hang" as body never answers."""
@@ -286,7 +290,10 @@ class ScriptedRunnerServer:
             body = {"status": "ok", "region": self.region, "inFlight": 0, "capacity": 10}
             await self._send(send, 200, body, {})
         elif path.endswith("/info"):
-            await self._send(send, 200, {"runners": [], "count": 0, "region": self.region}, {})
+            info: dict[str, Any] = {"region": self.region}
+            if self.runners is not None:
+                info.update(runners=self.runners, count=len(self.runners))
+            await self._send(send, 200, info, {})
         elif path.endswith("/execute"):
             while (await receive()).get("more_body"):
                 pass

@@ -84,8 +84,7 @@ async def test_reply_wrapped_by_an_orpc_server_is_read(pages):
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "orpc-wrapped"])
 @pytest.mark.parametrize(
-    ("status", "code"),
-    [(500, "RUNNER_NOT_FOUND"), (500, "INPUT_VALIDATION_FAILED"), (404, "RUNNER_NOT_FOUND")],
+    ("status", "code"), [(500, "INPUT_VALIDATION_FAILED"), (400, "BAD_REQUEST")]
 )
 async def test_job_faults_are_never_retried_nor_failed_over(pages, status, code, wrapped):
     body = {"defined": True, "code": code, "status": status, "message": "nope", "data": {}}
@@ -99,6 +98,32 @@ async def test_job_faults_are_never_retried_nor_failed_over(pages, status, code,
     assert result.error.startswith(f"{code}: nope")
     assert (first.execute_calls, peer.execute_calls) == (1, 0)
     assert all(r.status == "error" for r in result.results)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "orpc-wrapped"])
+@pytest.mark.parametrize("status", [500, 404])
+async def test_runner_not_found_is_never_retried_but_a_peer_that_may_have_it_is_tried(
+    pages, status, wrapped
+):
+    """A server lacking a runner is not asked again for this job; a peer may have it.
+
+    The TypeScript server says so with a 500, ours with a 404; the peer's runners are
+    unknown, so it may have it (docs/runner-server.md, *Routing by capability*).
+    """
+    body = {"defined": True, "code": "RUNNER_NOT_FOUND", "status": status, "message": "nope"}
+    first = ScriptedRunnerServer().always(status, {"json": body} if wrapped else body)
+    peer = ScriptedRunnerServer().always(200, ts_results(("a", "pass"), ("b", "pass")))
+    with serve_app(first) as one, serve_app(peer) as two:
+        run = executor(avail("one", one), avail("two", two))
+        result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
+        alone = executor(avail("one", one))
+        lone = await alone.run(job(pages), "job-2", timeout=10)
+    assert result.state == "completed"
+    assert [(t.server, t.outcome) for t in result.tries] == [("one", "job_error"), ("two", "ok")]
+    assert lone.state == "failed"
+    assert lone.error is not None
+    assert lone.error.startswith("RUNNER_NOT_FOUND: nope")
+    assert (first.execute_calls, peer.execute_calls) == (2, 1)
 
 
 async def test_5xx_is_retried_on_the_same_server(pages):

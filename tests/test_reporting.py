@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from helpers import free_port
-from runners_orchestrator import RunnerJob, RunSummary
+from runners_orchestrator import JobResult, RunnerJob, RunnerResult, RunSummary
 from runners_orchestrator.balancing import RoundRobinBalancer
 from runners_orchestrator.execution import JobExecutor, RetryPolicy
 from runners_orchestrator.registry import AvailableServer, HealthChecker, ServerPool
@@ -59,3 +61,32 @@ async def test_markdown_counts_failovers_and_lists_each_with_its_tries(failed_ov
     assert line.endswith(" ms")
     assert "→ us-1 ok" in line
     assert "job-2" not in text  # it ran where it was sent
+
+
+def test_summary_shows_failed_checks_screenshots_and_ignores_urls_that_would_break_it(pages):
+    shot = "http://127.0.0.1:3002/api/runner/screenshots/ab12.jpg"
+    now = datetime.now(UTC)
+    job = RunnerJob(url=pages.url("/x"), runners=["a", "b", "c", "d"])
+    results = [
+        RunnerResult(name="a", status="fail", details={"screenshot": shot}),
+        RunnerResult(name="b", status="pass", details={"screenshot": shot + "?pass"}),
+        RunnerResult(name="c", status="error", details={"screenshot": "http://x/a.jpg) ![y](z"}),
+        RunnerResult(name="d", status="fail", details={"screenshot": "javascript:alert(1)"}),
+    ]
+    outcome = JobResult(
+        job_id="job-1",
+        job=job,
+        server="br",
+        state="completed",
+        results=results,
+        started_at=now,
+        completed_at=now,
+        duration_ms=0,
+    )
+    summary = summarise([outcome], [job], run_id="r")
+    text = summary_markdown(summary)
+    assert f"· a **fail** on br: [screenshot]({shot})" in text
+    assert f"\n![job-1 a fail]({shot})\n" in text
+    assert text.count("](") == 2  # the fail's link and image; nothing of the others
+    assert [row["screenshot"] for row in results_table(summary)] == [shot, shot + "?pass", "", ""]
+    assert "### Screenshots" not in summary_markdown(summarise([], [], run_id="r"))

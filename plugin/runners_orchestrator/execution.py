@@ -9,7 +9,11 @@ answer                            whose fault              what happens
 200 with one result per runner    —                        job completed
 429 (``Retry-After``)             nobody: server is full   another server of the region,
                                                            or wait ``Retry-After`` and retry
-error ``code`` RUNNER_NOT_FOUND,  the job's                job failed at once, never
+error ``code`` RUNNER_NOT_FOUND   the server lacks a runner  what it has is learned from
+                                                           ``availableRunners``; fail over
+                                                           to a peer that has them, else
+                                                           the job fails (never retried)
+error ``code``                    the job's                job failed at once, never
 INPUT_VALIDATION_FAILED,                                   retried (even when it came as
 BAD_REQUEST (any status)                                   a 500 from a TypeScript server)
 connection refused / reset, or    the server's (down)      server ejected for every job;
@@ -25,6 +29,12 @@ other 5xx, 408, bad body          the server's             retry with backoff an
 What one job learns about a server is kept in the process's :class:`HealthChecker`, so no
 other job of the run (or of later runs) is sent to a server that is out. Every attempt is
 recorded in the result's ``tries``.
+
+**Capability comes first**: a job is only ever sent to servers of its region that have every
+runner it names (or whose runners are unknown), as the health checker learned them; the
+balancer, failover and waits for a full server all choose among those. When none of the
+region's healthy servers has them, the job fails at once with ``RUNNER_NOT_FOUND`` and a
+message saying which server has what.
 
 Bodies are read plain or wrapped as ``{"json": ...}``, the form a server built on oRPC's RPC
 handler answers in (see ``_orpc``): the same rules apply to what is inside.
@@ -59,12 +69,15 @@ from runners_orchestrator.models import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Collection
 
     from runners_orchestrator.registry import AvailableServer, HealthChecker, ServerPool
     from runners_orchestrator.settings import OrchestratorSettings
 
-__all__ = ["JOB_FAULT_CODES", "JobExecutor", "RetryPolicy", "runner_client"]
+__all__ = ["JOB_FAULT_CODES", "RUNNER_NOT_FOUND", "JobExecutor", "RetryPolicy", "runner_client"]
+
+RUNNER_NOT_FOUND = "RUNNER_NOT_FOUND"
+"""The error code of a job whose runners no healthy server of its region has."""
 
 JOB_FAULT_CODES = frozenset({"RUNNER_NOT_FOUND", "INPUT_VALIDATION_FAILED", "BAD_REQUEST"})
 """Error codes that mean the job itself is wrong: retrying or failing over cannot help."""
@@ -130,6 +143,9 @@ class _Answer:
     reason: str = ""
     retry_after: float = 0.0
     status: int | None = None
+    code: str | None = None
+    available: list[str] | None = None
+    """With ``RUNNER_NOT_FOUND``: the runners the server said it has."""
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -139,6 +155,19 @@ def _retry_after(response: httpx.Response) -> float:
         return max(0.1, float(value))
     except ValueError:
         return 1.0
+
+
+def _available_runners(response: httpx.Response) -> list[str] | None:
+    """A ``RUNNER_NOT_FOUND`` envelope's ``data.availableRunners``, if it lists names."""
+    try:
+        body, _ = unwrap(response.json())
+    except ValueError:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    available = data.get("availableRunners") if isinstance(data, dict) else None
+    if isinstance(available, list) and all(isinstance(name, str) for name in available):
+        return available
+    return None
 
 
 def _error_code(response: httpx.Response) -> tuple[str | None, str]:
@@ -241,7 +270,15 @@ def _judge_error(response: httpx.Response) -> _Answer:
     code, message = _error_code(response)
     status = response.status_code
     if code in JOB_FAULT_CODES:
-        return _Answer("job_fault", "job_error", reason=f"{code}: {message}", status=status)
+        available = _available_runners(response) if code == RUNNER_NOT_FOUND else None
+        return _Answer(
+            "job_fault",
+            "job_error",
+            reason=f"{code}: {message}",
+            status=status,
+            code=code,
+            available=available,
+        )
     if status in {httpx.codes.BAD_REQUEST, httpx.codes.REQUEST_ENTITY_TOO_LARGE}:
         return _Answer("job_fault", "job_error", reason=f"HTTP {status}: {message}", status=status)
     return _Answer(
@@ -274,13 +311,25 @@ class JobExecutor:
     local_load: LocalLoad = field(default_factory=lambda: LOCAL_LOAD)
     _busy_until: dict[str, float] = field(default_factory=dict)
 
-    def _candidates(self, region: str | None, exclude: set[str]) -> list[AvailableServer]:
-        """Servers of the region that are not out and not excluded."""
+    def _capable(
+        self, region: str | None, exclude: set[str], runners: Collection[str]
+    ) -> list[AvailableServer]:
+        """Servers of the region, not excluded, that have every runner in ``runners``."""
         return [
             s
             for s in candidates_for(self.pool.available, region, tuple(exclude))
-            if not self.health.is_out(s.id)
+            if self.health.can_run(s, runners)
         ]
+
+    def _candidates(
+        self, region: str | None, exclude: set[str], runners: Collection[str] = ()
+    ) -> list[AvailableServer]:
+        """Servers of the region that are not out, not excluded, and have the runners."""
+        return [s for s in self._capable(region, exclude, runners) if not self.health.is_out(s.id)]
+
+    def can_run(self, server: AvailableServer, runners: Collection[str]) -> bool:
+        """``server`` has every runner in ``runners`` (or what it has is unknown)."""
+        return self.health.can_run(server, runners)
 
     def usable(self, server: AvailableServer) -> bool:
         """``server`` may take a job now: not out, not full, not on another job's trial."""
@@ -290,16 +339,32 @@ class JobExecutor:
             and self._busy_until.get(server.id, 0) <= time.monotonic()
         )
 
-    def select(self, region: str | None, exclude: set[str] | None = None) -> AvailableServer | None:
-        """Choose a server for a job of ``region``: not out, excluded, full or on trial."""
-        candidates = self._candidates(region, exclude or set())
+    def select(
+        self,
+        region: str | None,
+        exclude: set[str] | None = None,
+        runners: Collection[str] = (),
+    ) -> AvailableServer | None:
+        """Choose a server for a job of ``region`` naming ``runners``.
+
+        Among the servers that have the runners; not out, excluded, full or on trial.
+        """
+        candidates = self._candidates(region, exclude or set(), runners)
         return self.balancer.select([s for s in candidates if self.usable(s)])
 
-    def has_peer(self, server: AvailableServer, region: str | None, exclude: set[str]) -> bool:
+    def has_peer(
+        self,
+        server: AvailableServer,
+        region: str | None,
+        exclude: set[str],
+        runners: Collection[str] = (),
+    ) -> bool:
         """Another server could take the job (maybe after a wait): failing over makes sense."""
-        return any(s.id != server.id for s in self._candidates(region, exclude))
+        return any(s.id != server.id for s in self._candidates(region, exclude, runners))
 
-    def next_wake(self, region: str | None, exclude: set[str]) -> tuple[float, bool] | None:
+    def next_wake(
+        self, region: str | None, exclude: set[str], runners: Collection[str] = ()
+    ) -> tuple[float, bool] | None:
         """When a server of the region that is full, on trial or being probed may take work.
 
         Returns:
@@ -308,7 +373,7 @@ class JobExecutor:
         """
         now = time.monotonic()
         waits: list[tuple[float, bool]] = []
-        for s in candidates_for(self.pool.available, region, tuple(exclude)):
+        for s in self._capable(region, exclude, runners):
             if self.health.is_out(s.id):
                 if self.health.is_probing(s.id):  # it may be back in a moment
                     waits.append((now + TRIAL_POLL, False))
@@ -318,8 +383,16 @@ class JobExecutor:
                 waits.append((now + TRIAL_POLL, False))
         return min(waits) if waits else None
 
-    def why_none(self, region: str | None) -> str:
-        """Why no server can take a job of ``region``, counting those ejected during the run."""
+    def why_none(self, region: str | None, runners: Collection[str] = ()) -> str:
+        """Why no server can take a job of ``region`` naming ``runners``.
+
+        ``RUNNER_NOT_FOUND: ...`` with which server has what, when healthy servers of the
+        region are there but none has every runner; else why none is healthy, counting
+        those ejected during the run.
+        """
+        healthy = [s for s in self.pool.in_region(region) if not self.health.is_out(s.id)]
+        if healthy and not any(self.health.can_run(s, runners) for s in healthy):
+            return self.runner_not_found(region, runners)
         out = [
             f"{s.id}: {self.health.why_out(s.id)}"
             for s in self.pool.in_region(region)
@@ -331,6 +404,32 @@ class JobExecutor:
         before = [u for u in self.pool.unavailable if region is None or u.region == region]
         detail = "; ".join(out + [f"{u.id}: {u.reason}" for u in before])
         return f"no healthy runner server {where} ({detail})"
+
+    def runner_not_found(self, region: str | None, runners: Collection[str]) -> str:
+        """``RUNNER_NOT_FOUND: no healthy runner server ... has ...: who has what``."""
+        where = f"in region {region!r}" if region else "in any region"
+        wanted = ", ".join(runners)
+        has: list[str] = []
+        for s in self.pool.in_region(region):
+            known = self.health.runners_of(s.id) if self.health.knows_runners(s.id) else None
+            if known is None and s.runners is not None:
+                known = frozenset(s.runners)
+            listed = (
+                f"has {', '.join(sorted(known)) or 'no runners'}"
+                if known is not None
+                else ("runners unknown")
+            )
+            why = self.health.why_out(s.id)
+            has.append(f"{s.id} {listed}" + (f" (not healthy: {why})" if why else ""))
+        for u in self.pool.unavailable:
+            if region is None or u.region == region:
+                known = self.health.runners_of(u.id)
+                listed = f"has {', '.join(sorted(known))}" if known else "runners unknown"
+                has.append(f"{u.id} {listed} (not healthy: {u.reason})")
+        return (
+            f"{RUNNER_NOT_FOUND}: no healthy runner server {where} has every runner the job "
+            f"names ({wanted}): {'; '.join(has)}"
+        )
 
     def start_due_probes(self, region: str | None) -> Awaitable[object] | None:
         """Probe again, in the background, the ejected servers of the region that are due.
@@ -385,14 +484,22 @@ class _JobRun:
         self.tries: list[Attempt] = []
         self.problems: list[str] = []
         self.dead: set[str] = set()
+        """Servers this job will not try again: down, or lacking one of its runners."""
+        self.runners = list(dict.fromkeys(job.runners))
 
     async def run(self, first: AvailableServer | None) -> JobResult:
         region = self.job.region
-        server = first if first is not None and self.executor.usable(first) else None
-        server = server or self.executor.select(region)
+        executor = self.executor
+        runners = self.runners
+        server = (
+            first
+            if first is not None and executor.usable(first) and executor.can_run(first, runners)
+            else None
+        )
+        server = server or executor.select(region, runners=runners)
         while True:
             if server is None:
-                wake = self.executor.next_wake(region, self.dead)
+                wake = self.executor.next_wake(region, self.dead, runners)
                 if wake is not None:
                     when, full = wake
                     if when >= self.deadline:
@@ -401,13 +508,13 @@ class _JobRun:
                             self.problems.append("every runner server left was at capacity (429)")
                         return self.timed_out()
                     await asyncio.sleep(max(0.0, when - time.monotonic()))
-                    server = self.executor.select(region, self.dead)
+                    server = self.executor.select(region, self.dead, runners)
                     continue
                 return self.give_up()
             outcome = await self.try_server(server)
             if outcome is not None:
                 return outcome
-            server = self.executor.select(region, self.dead)
+            server = self.executor.select(region, self.dead, runners)
 
     async def attempt(self, server: AvailableServer, timeout: float) -> _Answer:  # noqa: ASYNC109
         """One request to ``server``, recorded in ``tries``."""
@@ -435,7 +542,7 @@ class _JobRun:
         )
         return answer
 
-    async def try_server(self, server: AvailableServer) -> JobResult | None:
+    async def try_server(self, server: AvailableServer) -> JobResult | None:  # noqa: PLR0911 - one per answer
         """Attempt the job on ``server``; ``None`` means: go on with another server."""
         executor = self.executor
         policy = executor.policy
@@ -448,6 +555,8 @@ class _JobRun:
             if answer.kind == "ok":
                 executor.health.restore(server.id)
                 return self.finish("completed", answer.results, where=server)
+            if answer.code == RUNNER_NOT_FOUND:
+                return self.lacks_runners(server, answer)
             if answer.kind == "job_fault":
                 return self.finish("failed", error=answer.reason, where=server)
             if answer.kind == "busy":
@@ -463,6 +572,24 @@ class _JobRun:
         self.dead.add(server.id)
         return None
 
+    def lacks_runners(self, server: AvailableServer, answer: _Answer) -> JobResult | None:
+        """``server`` said it lacks a runner: remember what it has; a peer may have them.
+
+        ``None`` means: go on with a peer. Learned for every job of the process, so a server
+        whose ``/info`` could not be read costs one such answer, not one per job.
+        """
+        executor = self.executor
+        if answer.available is not None:  # else it did not say: only this job leaves it
+            executor.health.learn_runners(server.id, answer.available)
+        self.dead.add(server.id)
+        if executor.has_peer(server, self.job.region, self.dead, self.runners):
+            self.problems.append(f"{server.id}: {answer.reason}")
+            return None
+        if answer.available is None:
+            return self.finish("failed", error=answer.reason, where=server)
+        error = executor.runner_not_found(self.job.region, self.runners)
+        return self.finish("failed", error=error, where=server)
+
     def leave_now(self, server: AvailableServer, answer: _Answer) -> bool:
         """Note a failed attempt; ``True`` when the job should not try ``server`` again."""
         problem = f"{server.id}: {answer.reason}"
@@ -474,7 +601,7 @@ class _JobRun:
         gone = answer.kind in {"server_down", "server_hung"} or self.executor.health.is_out(
             server.id  # another job found it down: no point retrying it
         )
-        if gone and self.executor.has_peer(server, self.job.region, self.dead):
+        if gone and self.executor.has_peer(server, self.job.region, self.dead, self.runners):
             return True  # a peer now beats another wait on this one
         return time.monotonic() >= self.deadline
 
@@ -482,7 +609,8 @@ class _JobRun:
         if time.monotonic() >= self.deadline:
             return self.timed_out()
         if not self.tries:
-            return self.finish("failed", error=self.executor.why_none(self.job.region))
+            error = self.executor.why_none(self.job.region, self.runners)
+            return self.finish("failed", error=error)
         return self.finish(
             "failed", error="every runner server failed: " + "; ".join(self.problems)
         )

@@ -16,6 +16,18 @@ process, so every job of every run sees it:
 
 Ejection state is per process: every flow process learns on its own, which costs at most
 one failed probe or trial per server per process.
+
+It also learns **which runners each server has**, from its ``GET /info``, so that a job goes
+only to servers that have every runner it names (see ``docs/runner-server.md``, *Routing by
+capability*). The list is read with the health probe and kept per server for
+``capability_seconds`` (a minute), so a run costs at most one ``/info`` per server and a job
+none. A server that goes out is asked again when it is back (a restart may change its
+runners), and a ``RUNNER_NOT_FOUND`` answer of a server corrects the list at once
+(:meth:`HealthChecker.learn_runners`). A server whose ``/info`` cannot be read (an error, a
+body without a ``runners`` list) is **unknown**: it may be sent any job, and its first
+``RUNNER_NOT_FOUND`` answer teaches what it has, the job then failing over to a peer that has
+its runners. Skipping such servers instead would strand every job on a server that only lacks
+an ``/info`` route.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.settings import RegistryConfig, ServerConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Collection, Iterable, Iterator, Sequence
 
 __all__ = [
     "AvailableServer",
@@ -48,6 +60,8 @@ __all__ = [
 
 REGISTRY_ENTRY_POINTS = "runners_orchestrator.registries"
 MAX_EJECTION_MULTIPLIER = 10
+CAPABILITY_SECONDS = 60.0
+"""How long the runners a server's ``/info`` listed are trusted before it is asked again."""
 
 
 @runtime_checkable
@@ -103,6 +117,14 @@ class AvailableServer(BaseModel):
     local_at_probe: int = Field(
         default=0, ge=0, description="Requests this process had in flight to it at probe time."
     )
+    runners: list[str] | None = Field(
+        default=None,
+        description="The runners its /info listed; None when unknown (it may have any).",
+    )
+
+    def can_run(self, names: Iterable[str]) -> bool:
+        """It has every runner in ``names``, or what it has is unknown."""
+        return self.runners is None or set(names).issubset(self.runners)
 
     @property
     def id(self) -> str:
@@ -156,11 +178,34 @@ class _Ejection:
 
 
 @dataclass
+class _Capability:
+    runners: frozenset[str] | None
+    """``None``: the server's ``/info`` could not be read."""
+    learned: float
+    """When (monotonic) it was read or corrected."""
+
+
+def _runner_names(body: object) -> frozenset[str] | None:
+    """The ``runners`` of an ``/info`` body (ours or the TypeScript one), if it lists them."""
+    if isinstance(body, dict) and isinstance(body.get("json"), dict):
+        body = body["json"]  # a server built on oRPC's RPC handler wraps every answer
+    runners = body.get("runners") if isinstance(body, dict) else None
+    if not isinstance(runners, list) or not all(isinstance(r, str) for r in runners):
+        return None
+    return frozenset(runners)
+
+
+@dataclass
 class HealthChecker:
-    """Probes servers and remembers, for the whole process, which ones to leave alone."""
+    """Probes servers and remembers, for the whole process, which ones to leave alone.
+
+    And which runners each one has: see the module docstring.
+    """
 
     timeout: float = 1.0
     ejection_seconds: float = 30.0
+    capability_seconds: float = CAPABILITY_SECONDS
+    _capabilities: dict[str, _Capability] = field(default_factory=dict)
     _ejected: dict[str, _Ejection] = field(default_factory=dict)
     _confirmed: set[str] = field(default_factory=set)
     _trials: dict[str, int] = field(default_factory=dict)
@@ -173,6 +218,7 @@ class HealthChecker:
         failed do not extend its ejection (one ejection per failure streak).
         """
         self._confirmed.discard(server_id)
+        self._stale(server_id)
         if server_id not in self._ejected:
             self._ejected[server_id] = _Ejection(
                 until=time.monotonic() + self.ejection_seconds, count=1, reason=reason
@@ -181,6 +227,7 @@ class HealthChecker:
     def probe_failed(self, server_id: str, reason: str) -> None:
         """A probe found ``server_id`` still down: probe again later, a little later each time."""
         self._confirmed.discard(server_id)
+        self._stale(server_id)
         previous = self._ejected.get(server_id)
         count = min((previous.count if previous else 0) + 1, MAX_EJECTION_MULTIPLIER)
         self._ejected[server_id] = _Ejection(
@@ -200,6 +247,43 @@ class HealthChecker:
         """
         if server_id not in self._ejected:
             self._confirmed.add(server_id)
+
+    def _stale(self, server_id: str) -> None:
+        """Ask ``server_id``'s ``/info`` again at its next good probe.
+
+        Back after a restart, its runners may differ; until then, what it had stays the
+        best guess.
+        """
+        known = self._capabilities.get(server_id)
+        if known is not None:
+            known.learned = float("-inf")
+
+    def runners_of(self, server_id: str) -> frozenset[str] | None:
+        """The runners ``server_id`` has, as last learned; ``None`` when unknown."""
+        known = self._capabilities.get(server_id)
+        return known.runners if known is not None else None
+
+    def knows_runners(self, server_id: str) -> bool:
+        """What ``server_id`` has was learned (from ``/info`` or an answer), even if unknown."""
+        return server_id in self._capabilities
+
+    def learn_runners(self, server_id: str, runners: Iterable[str] | None) -> None:
+        """Remember what ``server_id`` has; ``None`` when it cannot be told.
+
+        From its ``/info``, or from a ``RUNNER_NOT_FOUND`` answer's ``availableRunners``.
+        """
+        names = None if runners is None else frozenset(runners)
+        self._capabilities[server_id] = _Capability(names, time.monotonic())
+
+    def can_run(self, server: AvailableServer, names: Collection[str]) -> bool:
+        """``server`` has every runner in ``names``, or what it has is unknown.
+
+        What this process learned last wins over the lookup's snapshot
+        (``server.runners``), so a ``RUNNER_NOT_FOUND`` answer counts at once.
+        """
+        known = self._capabilities.get(server.id)
+        runners = known.runners if known is not None else _frozen(server.runners)
+        return runners is None or runners.issuperset(names)
 
     def is_out(self, server_id: str) -> bool:
         """``server_id`` is ejected: no job may use it until a probe brings it back."""
@@ -301,7 +385,29 @@ class HealthChecker:
             in_flight=in_flight if isinstance(in_flight, int) and in_flight >= 0 else 0,
             capacity=capacity if isinstance(capacity, int) and capacity > 0 else server.capacity,
             local_at_probe=local_in_flight,
+            runners=await self._capability(client, server),
         )
+
+    def _capability_fresh(self, server_id: str) -> bool:
+        known = self._capabilities.get(server_id)
+        return known is not None and time.monotonic() - known.learned < self.capability_seconds
+
+    async def _capability(
+        self, client: httpx.AsyncClient, server: ServerConfig
+    ) -> list[str] | None:
+        """The runners ``server`` has: remembered, or read from its ``/info`` when stale.
+
+        An ``/info`` that cannot be read makes them unknown (``None``) for as long as a
+        list would be trusted: the server is not asked on every probe.
+        """
+        if not self._capability_fresh(server.id):
+            try:
+                response = await client.get(f"{server.url}/info", timeout=self.timeout)
+                body = response.json() if response.status_code == httpx.codes.OK else None
+            except (httpx.HTTPError, ValueError):
+                body = None
+            self.learn_runners(server.id, _runner_names(body))
+        return _listed(self.runners_of(server.id))
 
     async def _probe_info(
         self, client: httpx.AsyncClient, server: ServerConfig, local_in_flight: int
@@ -312,8 +418,15 @@ class HealthChecker:
             return f"unreachable: {type(exc).__name__}"
         if response.status_code != httpx.codes.OK:
             return f"health and info answered HTTP {response.status_code}"
+        try:
+            self.learn_runners(server.id, _runner_names(response.json()))
+        except ValueError:
+            self.learn_runners(server.id, None)
         return AvailableServer(
-            server=server, capacity=server.capacity, local_at_probe=local_in_flight
+            server=server,
+            capacity=server.capacity,
+            local_at_probe=local_in_flight,
+            runners=_listed(self.runners_of(server.id)),
         )
 
     async def check(
@@ -348,3 +461,11 @@ class HealthChecker:
                     UnavailableServer(id=server.id, region=server.region, reason=outcome)
                 )
         return pool
+
+
+def _frozen(runners: list[str] | None) -> frozenset[str] | None:
+    return None if runners is None else frozenset(runners)
+
+
+def _listed(runners: frozenset[str] | None) -> list[str] | None:
+    return None if runners is None else sorted(runners)

@@ -5,7 +5,9 @@
 - a **table** artifact with one row per job and runner: URL, server, region, status, duration,
   and the way a job took when it had to try more than one server;
 - a **markdown** summary: the counts (failovers included), every job that could not run with
-  its reason, and every job that failed over with its tries.
+  its reason, every job that failed over with its tries, and the screenshot of every failed
+  or errored browser check, linked and shown (the runner server's absolute URL, which the
+  person's browser loads; the table has the URL too).
 
 All of it is skipped outside a Prefect run, so the steps stay testable without Prefect.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -32,19 +35,25 @@ if TYPE_CHECKING:
 
     from prefect.client.orchestration import PrefectClient
 
-    from runners_orchestrator.models import JobResult, RunSummary
+    from runners_orchestrator.models import JobResult, RunnerResult, RunSummary
 
 __all__ = [
     "ProgressReporter",
     "publish_summary",
     "read_progress",
     "results_table",
+    "screenshot_of",
     "summary_markdown",
 ]
 
 logger = logging.getLogger("runners_orchestrator.reporting")
 
 PROGRESS_PREFIX = "jobs done: "
+
+_PLAIN_URL = re.compile(r"https?://[^\s()<>\[\]]+")
+
+MAX_LISTED = 50
+"""Jobs (or screenshots) listed by name in a section of the summary: keeps the page readable."""
 
 
 def _in_flow_run() -> bool:
@@ -104,10 +113,21 @@ def tries_path(job: JobResult) -> str:
     return " → ".join(f"{t.server} {t.outcome}" for t in job.tries)
 
 
+def screenshot_of(result: RunnerResult) -> str:
+    """The URL of a browser check's screenshot (``details.screenshot``), or ``""``.
+
+    Only a plain ``http(s)`` URL: it comes from a runner server, which may be anyone's, and
+    goes into Markdown, where a space, a parenthesis or an angle bracket would end the link.
+    """
+    shot = (result.details or {}).get("screenshot")
+    return shot if isinstance(shot, str) and _PLAIN_URL.fullmatch(shot) else ""
+
+
 def results_table(summary: RunSummary) -> list[dict[str, object]]:
     """One row per job and runner: URL, runner, status, server, region, duration, detail.
 
-    ``tries`` shows the servers a job went through when it failed over or was turned away.
+    ``tries`` shows the servers a job went through when it failed over or was turned away;
+    ``screenshot`` the URL of a failed browser check's screenshot.
     """
     return [
         {
@@ -120,6 +140,7 @@ def results_table(summary: RunSummary) -> list[dict[str, object]]:
             "duration_ms": "" if result.duration_ms is None else result.duration_ms,
             "detail": result.error_message or "",
             "tries": tries_path(outcome),
+            "screenshot": screenshot_of(result),
         }
         for outcome in summary.jobs
         for result in outcome.results
@@ -153,7 +174,35 @@ def summary_markdown(summary: RunSummary) -> str:
         lines += [f"- `{job.job_id}` {job.job.url}: {_tries_detail(job)}" for job in moved[:50]]
         if len(moved) > 50:  # noqa: PLR2004 - keep the page readable
             lines.append(f"- … and {len(moved) - 50} more")
+    lines += _screenshots(summary)
     return "\n".join(lines)
+
+
+def _screenshots(summary: RunSummary) -> list[str]:
+    """A section with each failed browser check's screenshot: a link, and the image itself.
+
+    The image is loaded by the browser of whoever looks at the page, from the runner
+    server, which keeps the most recent screenshots (see ``docs/runner-server.md``).
+    """
+    shots = [
+        (job, result, screenshot_of(result))
+        for job in summary.jobs
+        for result in job.results
+        if result.status != "pass" and screenshot_of(result)
+    ]
+    if not shots:
+        return []
+    lines = ["", "### Screenshots of failed browser checks", ""]
+    for job, result, url in shots[:MAX_LISTED]:
+        label = f"{job.job_id} {result.name} {result.status}"
+        check = f"{result.name} **{result.status}** on {job.server or '?'}"
+        # The image on a line of its own: the Prefect UI shows a link's text, not an image
+        # inside it, and an indented one would belong to the list item.
+        lines += [f"- `{job.job_id}` {job.job.url} · {check}: [screenshot]({url})", ""]
+        lines += [f"![{label}]({url})", ""]
+    if len(shots) > MAX_LISTED:
+        lines.append(f"- … and {len(shots) - MAX_LISTED} more (their URLs are in the table)")
+    return lines
 
 
 def _tries_detail(job: JobResult) -> str:

@@ -123,18 +123,23 @@ async def select_best_server(
     servers: ServerPool,
     load_balancer: LoadBalancerConfig | str | None = None,
     region: str | None = None,
+    runners: list[str] | None = None,
 ) -> AvailableServer | None:
     """Choose the server for a job of ``region`` with the load balancer.
+
+    Only servers that have every runner the job names take part (as their ``/info`` told
+    the health probe); the balancer chooses among those.
 
     Args:
         servers: the result of ``find_available_servers``.
         load_balancer: a balancer type or config; the ``load_balancer`` setting when omitted.
         region: the job's region; any region when omitted.
+        runners: the job's runners; any server of the region when omitted.
 
     Returns:
-        The chosen server, or ``None`` when no healthy server serves the region.
+        The chosen server, or ``None`` when no healthy server of the region has them.
     """
-    return _executor(servers, load_balancer).select(region)
+    return _executor(servers, load_balancer).select(region, runners=runners or ())
 
 
 def requested_registry(options: OrchestrateOptions) -> RegistryConfig | None:
@@ -372,7 +377,7 @@ async def _run_jobs(
                 # The choice is a plain call, not a task run of its own: a task run costs
                 # the Prefect server more than the choice (see docs/benchmarks.md), and the
                 # execute_runner task run is named for the server chosen.
-                server = await select_best_server.fn(servers, balancer, job.region)
+                server = await select_best_server.fn(servers, balancer, job.region, job.runners)
                 result = await execute_runner(
                     server,
                     job,

@@ -100,6 +100,14 @@ def checks(result: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     ]
 
 
+def _detail(job: dict[str, Any], check: dict[str, Any]) -> str:
+    """The error, then the screenshot URL of a failed browser check."""
+    detail = str(check.get("errorMessage") or job.get("error") or "")
+    details = check.get("details")
+    shot = details.get("screenshot") if isinstance(details, dict) else None
+    return f"{detail} {shot}".strip() if isinstance(shot, str) else detail
+
+
 def _print_results(result: Any) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -121,7 +129,7 @@ def _print_results(result: Any) -> None:
             str(job.get("server") or ""),
             str(job.get("region") or ""),
             str(check.get("durationMs", "")),
-            str(check.get("errorMessage") or job.get("error") or ""),
+            _detail(job, check),
             _tries(job),
         )
     console = Console() if sys.stdout.isatty() else Console(width=200)  # CI logs: no folding

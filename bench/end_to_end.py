@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,27 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from dev_ready import free_port, runner_ports  # bench/ is the script's folder
 
 ROOT = Path(__file__).parents[1]
 PREFIX = "/api/orchestrator"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pair_of_ports() -> int:
-    while True:
-        port = free_port()
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -127,7 +110,7 @@ def start_stack(state: str) -> tuple[Stack, subprocess.Popen[str]]:
         free_port(),
         free_port(),
         free_port(),
-        pair_of_ports(),
+        runner_ports(),
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
     pages = subprocess.Popen(

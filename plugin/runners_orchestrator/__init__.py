@@ -54,6 +54,13 @@ from runners_orchestrator.target_policy import TargetPolicy
 
 if TYPE_CHECKING:
     from runners_orchestrator.discovery import Discovery, Workflow, discover
+    from runners_orchestrator.monitoring import (
+        HistoryStore,
+        Suite,
+        SuiteError,
+        check_key,
+        load_suites,
+    )
     from runners_orchestrator.steps import (
         aggregate_results,
         dispatch_jobs,
@@ -76,6 +83,11 @@ _LAZY = {
     "execute_runner": "runners_orchestrator.steps",
     "find_available_servers": "runners_orchestrator.steps",
     "select_best_server": "runners_orchestrator.steps",
+    "HistoryStore": "runners_orchestrator.monitoring",
+    "Suite": "runners_orchestrator.monitoring",
+    "SuiteError": "runners_orchestrator.monitoring",
+    "check_key": "runners_orchestrator.monitoring",
+    "load_suites": "runners_orchestrator.monitoring",
 }
 
 
@@ -94,6 +106,7 @@ __all__ = [
     "ExecuteRequest",
     "ExecuteResponse",
     "HealthResponse",
+    "HistoryStore",
     "JobResult",
     "LoadBalancerConfig",
     "OrchestrateOptions",
@@ -113,6 +126,8 @@ __all__ = [
     "RunnerServerPlugin",
     "RunnerSpec",
     "ServerConfig",
+    "Suite",
+    "SuiteError",
     "SummaryCounts",
     "TargetNotAllowedError",
     "TargetPolicy",
@@ -120,11 +135,13 @@ __all__ = [
     "WorkflowNotFoundError",
     "__version__",
     "aggregate_results",
+    "check_key",
     "create_runner_app",
     "discover",
     "dispatch_jobs",
     "execute_runner",
     "find_available_servers",
     "get_settings",
+    "load_suites",
     "select_best_server",
 ]

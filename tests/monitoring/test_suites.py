@@ -136,3 +136,17 @@ def test_schedules_in_prefects_terms(tmp_path: Path) -> None:
     assert prefect.anchor_date == datetime(2019, 12, 31, 23, tzinfo=UTC)  # midnight in Berlin
     assert prefect.interval == timedelta(minutes=5)
     assert prefect.timezone == "Europe/Berlin"
+
+
+def test_the_package_root_exports_monitoring_without_importing_it_early() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys, runners_orchestrator as r\n"
+        "assert 'runners_orchestrator.monitoring' not in sys.modules\n"
+        "from runners_orchestrator.monitoring import load_suites\n"
+        "assert r.load_suites is load_suites\n"
+        "assert {'Suite', 'SuiteError', 'HistoryStore', 'check_key'} <= set(r.__all__)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -423,7 +423,23 @@ class DevStack:
                 if engine == "browser"
                 else "http (HTML only, scripts not run)"
             )
+        urls["check suites"] = self._suites_line()
         return urls
+
+    def _suites_line(self) -> str:
+        """The suites ``serve-flows`` schedules, for the banner (their files can change later)."""
+        from runners_orchestrator.monitoring.suites import scan_suites  # noqa: PLC0415
+
+        scan = scan_suites(self.project_root, self.settings.suites)
+        if not scan.suites and not scan.problems:
+            return f"none (add one in {self.settings.suites[0]}: docs/monitoring.md)"
+        shown = [
+            f"{suite.name} ({suite.schedule.describe() if suite.schedule else 'on demand'})"
+            for suite in scan.suites.values()
+        ]
+        if scan.problems:
+            shown.append(f"{len(scan.problems)} problem(s) in suite files, see the log above")
+        return ", ".join(shown)
 
     def run(self) -> int:
         """Start, print the URLs, and block until Ctrl-C, SIGTERM or a crash."""

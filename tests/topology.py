@@ -53,12 +53,16 @@ defaults
     timeout client 120s
     timeout server 120s
     retries 2
-    option redispatch
+    option redispatch 1
+    # A replica killed mid-request closes its connections without an answer: replay a GET
+    # on the other one (never a POST: a start is not replayed behind the client's back).
+    retry-on conn-failure empty-response response-timeout
 frontend front
     bind 127.0.0.1:{port}
     default_backend back
 backend back
     balance roundrobin
+    http-request disable-l7-retry unless METH_GET || METH_HEAD
     option httpchk GET {health}
     default-server inter 500ms fall 2 rise 1
 {servers}

@@ -58,6 +58,7 @@ import httpx
 from pydantic import ValidationError
 
 from runners_orchestrator._orpc import unwrap
+from runners_orchestrator._tls import certifi_tls_context
 from runners_orchestrator.balancing import LOCAL_LOAD, LoadBalancer, LocalLoad, candidates_for
 from runners_orchestrator.models import (
     Attempt,
@@ -103,6 +104,7 @@ def runner_client() -> httpx.AsyncClient:
             limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
             headers={"User-Agent": USER_AGENT},
             trust_env=False,
+            verify=certifi_tls_context(),  # built once per process, not per run's client
         )
         _clients[loop] = client
     return client

@@ -13,8 +13,8 @@ files without a manual restart.
 The project root is importable here and in every run's process, as in discovery: a run's
 process (forked or spawned) gets the runner's ``sys.path`` from ``multiprocessing``, and
 imports the project modules the flow needs from disk when it unpickles the flow. The fork
-server preloads Prefect and this plugin only, never project modules, so it holds nothing
-that an edit could make stale.
+server (``run_process``) preloads Prefect and this plugin only, never project modules, so
+it holds nothing that an edit could make stale.
 """
 
 from __future__ import annotations
@@ -22,18 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import types
-from multiprocessing import forkserver
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import prefect.flow_engine
-import prefect.runner._starter_direct
 from prefect.runner import Runner
 
 from runners_orchestrator._imports import make_importable
@@ -41,6 +36,7 @@ from runners_orchestrator.crash_detection import enable_heartbeats, ensure_crash
 from runners_orchestrator.deployments import GENERATED_TAG
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
+from runners_orchestrator.run_process import use_forkserver
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -57,49 +53,6 @@ logger = logging.getLogger("runners_orchestrator.serving")
 RESTART_SECONDS = (2, 30)
 """``--reload``: after the server exits on its own, restart it at the next change, or after
 this delay, doubled at each exit in a row up to the second value."""
-
-FORKSERVER_PRELOAD = (
-    "prefect",
-    "prefect.flow_engine",
-    "prefect.task_engine",
-    "runners_orchestrator.steps",
-)
-"""Modules imported once in the fork server, so a flow run's process starts warm."""
-
-
-def _run_flow_in_forkserver(*args: Any, **kwargs: Any) -> Any:
-    """Prefect's ``run_flow_in_subprocess``, with a fork server instead of ``spawn``.
-
-    Prefect starts every flow run of a served deployment in a fresh ``spawn`` process,
-    which imports Prefect again: about 0.9 s of the time from "created" to "running" on
-    the reference machine. A fork server imports it once; each run's process is then a
-    fork of that warm, single-threaded process (safe to fork, unlike the runner itself).
-    Everything else (environment, settings, signals, control channel) is Prefect's own
-    code, called as it is.
-    """
-    context = multiprocessing.get_context("forkserver")
-    shim = types.SimpleNamespace(
-        get_context=lambda _method=None: context, context=multiprocessing.context
-    )
-    original = prefect.flow_engine.multiprocessing  # type: ignore[attr-defined]
-    prefect.flow_engine.multiprocessing = shim  # type: ignore[attr-defined,assignment]
-    try:
-        return prefect.flow_engine.run_flow_in_subprocess(*args, **kwargs)
-    finally:
-        prefect.flow_engine.multiprocessing = original  # type: ignore[attr-defined]
-
-
-def use_forkserver(preload: Sequence[str] = FORKSERVER_PRELOAD) -> None:
-    """Start served flow runs from a warm fork server (see :func:`_run_flow_in_forkserver`).
-
-    ``prefect.runner._starter_direct`` documents its module-level ``run_flow_in_subprocess``
-    as the place to patch; this is the only Prefect behaviour we change.
-    """
-    multiprocessing.set_forkserver_preload(list(preload))
-    starter = prefect.runner._starter_direct  # noqa: SLF001
-    starter.run_flow_in_subprocess = _run_flow_in_forkserver  # type: ignore[attr-defined]
-    # Start it now, so the first run does not wait for the preload imports.
-    forkserver.ensure_running()
 
 
 async def serve_flows(

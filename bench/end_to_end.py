@@ -16,7 +16,7 @@ result readable, p50/p95), and the CPU-seconds the stack's processes used per jo
 Prefect server's on its own), read from /proc.
 
 Usage: python bench/end_to_end.py [--jobs 20 50] [--delay 1] [--window 20] [--rounds 3]
-       [--instant 20]
+       [--instant 20] [--task-per-job-limit N]
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ class Stack:
     pages: str
 
 
-def start_stack(state: str) -> tuple[Stack, subprocess.Popen[str]]:
+def start_stack(
+    state: str, settings: dict[str, str] | None = None
+) -> tuple[Stack, subprocess.Popen[str]]:
     page_port, api_port, prefect_port, runner_port = (
         free_port(),
         free_port(),
@@ -113,6 +115,7 @@ def start_stack(state: str) -> tuple[Stack, subprocess.Popen[str]]:
         runner_ports(),
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
+    env.update(settings or {})
     pages = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "page_server.py"), str(page_port)],
         stdin=subprocess.DEVNULL,
@@ -264,9 +267,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--instant", type=int, default=20)
+    parser.add_argument(
+        "--task-per-job-limit",
+        type=int,
+        default=None,
+        help="ORCHESTRATOR_TASK_PER_JOB_LIMIT for the stack (default: the setting's default)",
+    )
     args = parser.parse_args()
+    settings = {}
+    if args.task_per_job_limit is not None:
+        settings["ORCHESTRATOR_TASK_PER_JOB_LIMIT"] = str(args.task_per_job_limit)
     with tempfile.TemporaryDirectory(prefix="end-to-end-") as state:
-        stack, pages = start_stack(state)
+        stack, pages = start_stack(state, settings)
         try:
             asyncio.run(bench(stack, args))
         finally:

@@ -47,10 +47,11 @@ from runners_orchestrator.embedded import EMBEDDED_PREFECT_ENV
 QUIET_PREFECT_SERVER = EMBEDDED_PREFECT_ENV  # how `dev` runs Prefect on SQLite
 
 CONFIGURATIONS = [
-    ("(1) Prefect defaults: --poll 10 --start spawn", "10", "spawn"),
-    ("(2) --poll 1 --start spawn", "1", "spawn"),
-    ("(3) ours: --poll 0.2 --start fork", "0.2", "fork"),
-    ("(4) --poll 0.2 --start spawn", "0.2", "spawn"),
+    ("(1) Prefect defaults: --poll 10 --start spawn --no-wake", "10", "spawn", False),
+    ("(2) --poll 1 --start spawn --no-wake", "1", "spawn", False),
+    ("(3) ours: --poll 1 --start fork, woken by events", "1", "fork", True),
+    ("(4) before: --poll 0.2 --start fork --no-wake", "0.2", "fork", False),
+    ("(5) --poll 0.2 --start spawn --no-wake", "0.2", "spawn", False),
 ]
 
 HELLO = 'async def hello(name: str = "world") -> str:\n    return f"hello {name}"\n'
@@ -315,7 +316,7 @@ class Bench:
     server: subprocess.Popen
     access: AccessLog
 
-    def configuration(self, number: int, name: str, poll: str, start: str) -> Row:
+    def configuration(self, number: int, name: str, poll: str, start: str, *, wake: bool) -> Row:
         """Start serve-flows, measure idle cost then latency, stop it."""
         args, api = self.args, self.api
         row = Row(name)
@@ -324,6 +325,7 @@ class Bench:
         log(f"{name}: starting serve-flows")
         command = [sys.executable, "-m", "runners_orchestrator.cli", "serve-flows"]
         command += ["--poll", poll, "--start", start, "--log-level", "warning"]
+        command += ["--wake" if wake else "--no-wake"]
         with serve_log.open("wb") as out:
             serve = subprocess.Popen(
                 command,
@@ -485,9 +487,9 @@ def main() -> None:
         log(f"{row.name}: {args.idle:.0f} s idle")
         measure_idle(row, bench.access, server.pid, args.idle)
         rows.append(row)
-        for number, (name, poll, start) in enumerate(CONFIGURATIONS, 1):
+        for number, (name, poll, start, wake) in enumerate(CONFIGURATIONS, 1):
             if not args.only or number in args.only:
-                rows.append(bench.configuration(number, name, poll, start))
+                rows.append(bench.configuration(number, name, poll, start, wake=wake))
     finally:
         stop(server, "Prefect server")
 

@@ -28,9 +28,11 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from runners_orchestrator.last_writes import write_last
 from runners_orchestrator.results import read_artifact
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
     from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
@@ -68,6 +70,7 @@ class ProgressReporter:
         self.done = done
         self.every = every
         self._artifact: UUID | None = None
+        self._creating: asyncio.Future[None] | None = None
         self._last = 0.0
         self._lock = asyncio.Lock()  # one update at a time, so the last one written is newest
 
@@ -78,23 +81,35 @@ class ProgressReporter:
         return 100.0 * self.done / self.total if self.total else 100.0
 
     async def start(self) -> None:
-        """Create the artifact (0 %)."""
-        if not _in_flow_run():
-            return
+        """Create the artifact (0 %), beside the first jobs rather than before them."""
+        if _in_flow_run():
+            self._creating = asyncio.ensure_future(self._create())
+
+    async def _create(self) -> None:
         try:
             self._artifact = await acreate_progress_artifact(0.0, description=self._description())
         except Exception:  # progress is a courtesy: never fail a run for it
             logger.warning("could not create the progress artifact", exc_info=True)
 
     async def job_done(self) -> None:
-        """Count one finished job; update the artifact if enough time has passed."""
+        """Count one finished job; update the artifact if enough time has passed.
+
+        The last job's count is left to :meth:`finish`, which the run's end awaits together
+        with its other writes.
+        """
         self.done += 1
         now = time.monotonic()
-        if self.done == self.total or now - self._last >= self.every:
+        if self.done < self.total and now - self._last >= self.every:
             self._last = now
             await self._update()
 
+    async def finish(self) -> None:
+        """Write the final count."""
+        await self._update()
+
     async def _update(self) -> None:
+        if self._creating is not None:
+            await self._creating
         if self._artifact is None:
             return
         async with self._lock:
@@ -215,16 +230,28 @@ def _tries_detail(job: JobResult) -> str:
 
 
 async def publish_summary(summary: RunSummary) -> None:
-    """Attach the results table and the summary to the current flow run."""
+    """Attach the results table and the summary to the current flow run.
+
+    Both are among the run's last writes (``last_writes``): made together with the others.
+    """
     if not _in_flow_run():
         return
     try:
-        await acreate_table_artifact(
-            results_table(summary), description="Every check: one row per job and runner."
-        )
-        await acreate_markdown_artifact(summary_markdown(summary), description="Summary")
+        table = results_table(summary)
+        markdown = summary_markdown(summary)
     except Exception:
         logger.warning("could not attach the results to the run page", exc_info=True)
+        return
+    description = "Every check: one row per job and runner."
+    await write_last(_attach(acreate_table_artifact(table, description=description), "table"))
+    await write_last(_attach(acreate_markdown_artifact(markdown, description="Summary"), "summary"))
+
+
+async def _attach(write: Awaitable[object], what: str) -> None:
+    try:
+        await write
+    except Exception:  # the run page is a courtesy: never fail a run for it
+        logger.warning("could not attach the results %s to the run page", what, exc_info=True)
 
 
 async def read_progress(client: PrefectClient, flow_run_id: UUID) -> tuple[int, int] | None:

@@ -13,12 +13,15 @@ with aliases), exactly as the HTTP API returns it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from pydantic_core import to_jsonable_python
+
+from runners_orchestrator.last_writes import collect_last_writes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -69,8 +72,12 @@ def recording_result(fn: Callable[P, R]) -> Callable[P, R]:
 
         @functools.wraps(fn)
         async def record_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-            value = await fn(*args, **kwargs)
-            await _artifact(value, fn.__name__).acreate()
+            # The result is written together with the run's other last writes, and a
+            # result that could not be written fails the run.
+            async with collect_last_writes():
+                value = await fn(*args, **kwargs)
+                recorded = asyncio.ensure_future(_artifact(value, fn.__name__).acreate())
+            await recorded
             return value
 
         return _resolved(record_async, fn)

@@ -34,9 +34,11 @@ import types
 from multiprocessing import forkserver
 from typing import TYPE_CHECKING, Any
 
+import certifi
 import prefect.flow_engine
 import prefect.runner._starter_direct
 from prefect.client import orchestration
+from prefect.settings import PREFECT_API_SSL_CERT_FILE
 
 from runners_orchestrator._tls import certifi_tls_context, shared_tls_context
 
@@ -117,7 +119,9 @@ def warm_up() -> None:
     """
     try:
         orchestration.ssl = _SSLWithSharedContexts()  # type: ignore[attr-defined]
-        certifi_tls_context()
+        certifi_tls_context()  # httpx's default, for the runner servers
+        # Prefect's clients trust PREFECT_API_SSL_CERT_FILE (SSL_CERT_FILE) when it is set.
+        shared_tls_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
         prefect.flow_engine.observe_flow_run_suspension = observe_suspension_in_background  # type: ignore[attr-defined]
     except Exception:  # pragma: no cover - a Prefect without these names
         logger.warning("run processes start without the warm-up", exc_info=True)

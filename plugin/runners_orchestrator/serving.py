@@ -1,10 +1,11 @@
 """Serve the discovered workflows' deployments from one Prefect runner process.
 
 ``serve_flows`` registers one deployment per workflow (named like the workflow, tagged
-``runners-orchestrator``) and polls the Prefect API for their runs every
-``query_seconds``. Prefect's default poll is 10 s; we default to 0.2 s, which is what makes
-a run submitted through the API start within a second (see ``docs/workflows.md`` for the
-measurements and what the polling costs the Prefect server).
+``runners-orchestrator``) and starts their runs as Prefect announces them on its events
+websocket (``wake``), polling the Prefect API every ``query_seconds`` besides (Prefect's
+default poll is 10 s, ours 1 s): a run submitted through the API is picked up about 0.1 s
+after it was created, and an idle server costs Prefect one query a second (see
+``docs/workflows.md`` for the measurements).
 
 ``serve_with_reload`` runs that in a child process and restarts it when a workflow file, or
 a project module a workflow file imports, changes, so the served deployments follow the
@@ -37,6 +38,7 @@ from runners_orchestrator.deployments import GENERATED_TAG
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
 from runners_orchestrator.run_process import use_forkserver
+from runners_orchestrator.wake import wake_on_new_runs
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_QUERY_SECONDS", "serve_flows", "serve_with_reload", "watched_paths"]
 
-DEFAULT_QUERY_SECONDS = 0.2
+DEFAULT_QUERY_SECONDS = 1.0
 logger = logging.getLogger("runners_orchestrator.serving")
 
 RESTART_SECONDS = (2, 30)
@@ -62,13 +64,15 @@ async def serve_flows(
     limit: int | None = None,
     forkserver: bool = True,
     register: Callable[[Runner], Awaitable[object]] | None = None,
+    wake: bool = True,
 ) -> None:
     """Register every workflow's deployment and run their flow runs until cancelled.
 
     With ``forkserver`` (the default), each run's process is forked from a warm fork
     server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
     ``register`` adds more deployments to the runner before it starts (the check
-    suites' scheduled deployments, from ``monitoring``).
+    suites' scheduled deployments, from ``monitoring``). With ``wake`` (the default), a
+    new run is picked up when Prefect announces it, not at the next poll (``wake``).
     """
     # Before the fork server starts, so that every run's process inherits them: heartbeats,
     # and the project importable (runs' processes unpickle flows that import the project).
@@ -103,7 +107,14 @@ async def serve_flows(
         logger.info("serving %s (%s)", workflow.name, workflow.entrypoint)
     if register is not None:
         await register(runner)
-    await runner.start()
+    waking = asyncio.create_task(wake_on_new_runs(runner)) if wake else None
+    try:
+        await runner.start()
+    finally:
+        if waking is not None:
+            waking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waking
 
 
 def watched_paths(root: Path, patterns: Sequence[str]) -> list[Path]:

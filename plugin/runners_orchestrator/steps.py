@@ -33,6 +33,7 @@ from runners_orchestrator.balancing import LOCAL_LOAD, load_balancer_from_config
 from runners_orchestrator.checkpoints import Checkpoint
 from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.execution import JobExecutor, RetryPolicy, job_label, runner_client
+from runners_orchestrator.last_writes import write_last
 from runners_orchestrator.models import (
     JobResult,
     OrchestrateOptions,
@@ -354,7 +355,9 @@ async def dispatch_jobs(
             todo, servers, options, window=window, progress=progress, checkpoint=checkpoint
         )
     finally:
-        await checkpoint.close()
+        # Among the run's last writes, made together as the workflow returns.
+        await write_last(checkpoint.close())
+        await write_last(progress.finish())
     by_id = {**done, **{result.job_id: result for result in fresh}}
     return [by_id[job_id] for job_id, _ in numbered]
 

@@ -1,6 +1,7 @@
 """A served run's process, as `serve-flows` starts it: warm, and still suspendable.
 
-The fork server changes two Prefect behaviours in the processes it forks
+`serve-flows` starts a run when Prefect announces it (``runners_orchestrator.wake``), and
+the fork server changes two Prefect behaviours in the processes it forks
 (``runners_orchestrator.run_process``): Prefect's clients share one TLS context, and the
 suspension observer starts beside the flow instead of before it. Both are checked here in
 real served runs against a real Prefect server: the first by what the run's own process
@@ -67,7 +68,8 @@ async def ticking(ticks: int = 80) -> int:
 
 
 @pytest.fixture
-def served(tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen[str]]:
+def served(request, tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen[str]]:
+    poll = getattr(request, "param", "1")
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "probe"\n')
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "probe.py").write_text(textwrap.dedent(PROBE))
@@ -77,7 +79,7 @@ def served(tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen[str]]:
         "PREFECT_HOME": str(tmp_path / ".prefect"),
     }
     process = subprocess.Popen(
-        [*CLI, "serve-flows", "--log-level", "warning"],
+        [*CLI, "serve-flows", "--poll", poll, "--log-level", "warning"],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -155,3 +157,15 @@ async def tick_count(run_id: uuid.UUID) -> int:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         )
     return len(ticks)
+
+
+@pytest.mark.parametrize("served", ["120"], indirect=True)
+async def test_a_new_run_is_picked_up_when_prefect_announces_it_not_at_the_next_poll(served):
+    """With a poll every two minutes, only the Scheduled event can start the run this soon."""
+    await start("probe", served)  # the first poll, at start-up, has passed once it is served
+    await asyncio.sleep(1)
+    started = time.monotonic()
+    run_id = await start("probe", served)
+    run = await wait_for(run_id, lambda state: state.is_final(), timeout=30)
+    assert run.state.is_completed(), run.state
+    assert time.monotonic() - started < 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -25,7 +26,6 @@ from runners_orchestrator.exceptions import ConfigurationError
 from runners_orchestrator.settings import get_settings
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Awaitable, Callable
 
     from prefect.runner import Runner
@@ -162,6 +162,7 @@ def _serve_flows(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 forkserver=args.start == "fork",
                 register=_suite_registrar(discovery),
+                wake=args.wake,
             )
         )
     return 0
@@ -338,9 +339,16 @@ def add_commands(commands: Any) -> None:
     serve_flows.add_argument(
         "--poll",
         type=positive_float,
-        default=0.2,
+        default=1.0,  # serving.DEFAULT_QUERY_SECONDS, without importing Prefect here
         metavar="SECONDS",
-        help="how often to ask Prefect for new runs (default: %(default)s)",
+        help="how often to ask Prefect for new runs besides being woken (default: %(default)s)",
+    )
+    serve_flows.add_argument(
+        "--wake",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start a run as soon as Prefect announces it on its events websocket (default: "
+        "on); --no-wake relies on the poll alone",
     )
     serve_flows.add_argument(
         "--limit", type=positive_int, default=None, help="flow runs at once (default: no limit)"

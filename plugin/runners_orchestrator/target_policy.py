@@ -135,6 +135,13 @@ class TargetPolicy:
             TargetNotAllowedError: an address is in a denied range.
             OSError: the name does not resolve.
         """
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:  # nothing to resolve: no resolver thread for an address written out
+            self.check_address(literal, host)
+            return [str(literal)]
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses: list[str] = []
         for info in infos:

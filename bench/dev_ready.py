@@ -49,35 +49,40 @@ def runner_ports() -> int:
         return port
 
 
+def launch_dev(
+    state: str,
+    ports: tuple[int, int, int],
+    *options: str,
+    settings: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """`runners-orchestrator dev` on ``(api, prefect, runner)`` ports and a state folder.
+
+    With the caller's environment minus every ``PREFECT_``/``ORCHESTRATOR_`` variable, plus
+    ``settings``; its output on a pipe for the caller to read; a session of its own.
+    """
+    api_port, prefect_port, runner_port = ports
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
+    env.update(settings or {})
+    command = [sys.executable, "-m", "runners_orchestrator.cli", "dev", "--port", str(api_port)]
+    command += ["--prefect-port", str(prefect_port), "--runner-port", str(runner_port)]
+    command += ["--state-dir", state, "--log-level", "warning", *options]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def one_round() -> dict[str, float | int | str]:
     api_port, prefect_port, runner_port = free_port(), free_port(), runner_ports()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
     with tempfile.TemporaryDirectory(prefix="dev-ready-") as state:
         started = time.monotonic()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "runners_orchestrator.cli",
-                "dev",
-                "--port",
-                str(api_port),
-                "--prefect-port",
-                str(prefect_port),
-                "--runner-port",
-                str(runner_port),
-                "--state-dir",
-                state,
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        process = launch_dev(state, (api_port, prefect_port, runner_port))
         ready = threading.Event()
         ready_at: list[float] = []
 

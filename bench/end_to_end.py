@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from dev_ready import free_port, runner_ports  # bench/ is the script's folder
+from dev_ready import free_port, launch_dev, runner_ports  # bench/ is the script's folder
 
 ROOT = Path(__file__).parents[1]
 PREFIX = "/api/orchestrator"
@@ -114,39 +114,13 @@ def start_stack(
         free_port(),
         runner_ports(),
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHESTRATOR_"))}
-    env.update(settings or {})
     pages = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "page_server.py"), str(page_port)],
         stdin=subprocess.DEVNULL,
         text=True,
     )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "runners_orchestrator.cli",
-            "dev",
-            "--port",
-            str(api_port),
-            "--prefect-port",
-            str(prefect_port),
-            "--runner-port",
-            str(runner_port),
-            "--runner-engine",
-            "http",
-            "--state-dir",
-            state,
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    process = launch_dev(
+        state, (api_port, prefect_port, runner_port), "--runner-engine", "http", settings=settings
     )
     ready = threading.Event()
 

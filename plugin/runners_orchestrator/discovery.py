@@ -111,6 +111,15 @@ class Workflow:
             fn=recording_result(self.fn), name=self.name, persist_result=True, log_prints=True
         )
 
+    def deployment_name(self, deployment: str | None = None) -> str:
+        """``flow/deployment``: the full name Prefect finds the workflow's deployment by.
+
+        ``deployment`` names another deployment of the same flow (a check suite's). The
+        API's start and ``serve --wait-for-deployments`` both look deployments up by it, so
+        "deployed" means one thing.
+        """
+        return f"{self.flow.name}/{deployment or self.name}"
+
     @cached_property
     def parameters(self) -> dict[str, Any]:
         """The parameters' JSON schema, as Prefect computes it from the type hints."""

@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+from urllib.parse import quote
 
 import httpx
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from runners_orchestrator.settings import OrchestratorSettings
 
@@ -117,41 +118,45 @@ def url_host(host: str, *, connect: bool = False) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def missing_deployments(prefect_api: str, names: Sequence[str]) -> list[str]:
-    """Which of the workflows ``names`` have no deployment of ours in Prefect yet.
+def missing_deployments(prefect_api: str, deployments: Mapping[str, str]) -> list[str]:
+    """Which workflows have no deployment in Prefect yet.
+
+    ``deployments`` maps each workflow's name to its deployment's full name
+    (``Workflow.deployment_name``), looked up as the API's start looks it up.
 
     Raises:
         httpx.HTTPError: Prefect did not answer, or refused the query.
     """
-    from runners_orchestrator.deployments import GENERATED_TAG  # noqa: PLC0415
-
-    response = httpx.post(
-        f"{prefect_api.rstrip('/')}/deployments/filter",
-        json={
-            "deployments": {"tags": {"all_": [GENERATED_TAG]}, "name": {"any_": list(names)}},
-            "limit": 200,
-        },
-        timeout=5,
-    )
-    response.raise_for_status()
-    found = {deployment["name"] for deployment in response.json()}
-    return [name for name in names if name not in found]
+    missing: list[str] = []
+    with httpx.Client(base_url=f"{prefect_api.rstrip('/')}/", timeout=5) as http:
+        for workflow, full_name in deployments.items():
+            response = http.get(f"deployments/name/{quote(full_name)}")
+            if response.status_code == httpx.codes.NOT_FOUND:
+                missing.append(workflow)
+            else:
+                response.raise_for_status()
+    return missing
 
 
 def wait_for_deployments(
-    prefect_api: str, names: Sequence[str], timeout: float, out: Callable[[str], None] = print
+    prefect_api: str,
+    deployments: Mapping[str, str],
+    timeout: float,
+    out: Callable[[str], None] = print,
 ) -> None:
-    """Block until every workflow in ``names`` has its deployment (``serve`` in ``dev``).
+    """Block until every workflow has its deployment (``serve`` in ``dev``).
+
+    ``deployments``: as for :func:`missing_deployments`.
 
     Raises:
         StackError: they did not all appear within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    missing = list(names)
+    missing = list(deployments)
     said = False
     while missing:
         with contextlib.suppress(httpx.HTTPError):
-            missing = missing_deployments(prefect_api, names)
+            missing = missing_deployments(prefect_api, deployments)
         if not missing:
             return
         if not said:

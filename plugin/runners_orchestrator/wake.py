@@ -5,7 +5,8 @@ Prefect's runner polls for scheduled runs every ``query_seconds`` (with 30 % jit
 and the idle Prefect server spent a tenth of a core answering the polls. Prefect announces
 every new run on its events websocket (``prefect.flow-run.Scheduled``), measured 40-100 ms
 after the start request on the embedded default. :func:`wake_on_new_runs` listens for
-those of the runner's own deployments and polls right then.
+those of the runner's own deployments and polls right then; and when one of their runs
+ends, since a runner at its ``--limit`` has a slot free for the next one waiting.
 
 The periodic poll stays, every second by default (``serving.DEFAULT_QUERY_SECONDS``): it
 starts every run while the websocket is down, and a wake-up only moves a poll earlier. Two
@@ -35,7 +36,18 @@ logger = logging.getLogger("runners_orchestrator.wake")
 RECONNECT_SECONDS = (1.0, 30.0)
 """After the events websocket fails: wait the first value, doubled each time up to the second."""
 
-_SCHEDULED = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
+_WAKING = EventFilter(
+    event=EventNameFilter(
+        name=[
+            "prefect.flow-run.Scheduled",
+            # A run of ours that ended freed a slot: a runner at its --limit takes the next.
+            "prefect.flow-run.Completed",
+            "prefect.flow-run.Failed",
+            "prefect.flow-run.Crashed",
+            "prefect.flow-run.Cancelled",
+        ]
+    )
+)
 
 
 def deployment_of(event: Event) -> UUID | None:
@@ -55,14 +67,14 @@ def _serves(runner: Runner, deployment_id: UUID | None) -> bool:
 
 
 async def wake_on_new_runs(runner: Runner) -> None:
-    """Poll ``runner`` whenever one of its deployments gets a new run; until cancelled."""
+    """Poll ``runner`` when one of its deployments gets a new run or one ends; until cancelled."""
     wake = asyncio.Event()
     poller = asyncio.create_task(_poll_when_woken(runner, wake), name="wake-poller")
     delay = RECONNECT_SECONDS[0]
     try:
         while True:
             try:
-                async with get_events_subscriber(filter=_SCHEDULED) as events:
+                async with get_events_subscriber(filter=_WAKING) as events:
                     delay = RECONNECT_SECONDS[0]
                     async for event in events:
                         if _serves(runner, deployment_of(event)):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+
+from helpers import HITS
+from topology import CRASH_AFTER
 
 if TYPE_CHECKING:
     from topology import ScaledTopology
@@ -90,3 +95,59 @@ def serving_process_of(topology: ScaledTopology, run_id: str) -> str:
         time.sleep(0.2)
     msg = f"cannot tell which serving process runs flow run {run_id}"
     raise AssertionError(msg)
+
+
+@dataclass
+class Resumed:
+    """What :func:`crash_and_resume` saw."""
+
+    summary: Any
+    done_before: set[str]
+    crashed_after: float
+
+
+async def crash_and_resume(
+    topology: ScaledTopology, http: httpx.AsyncClient, pages: Any, tag: str, deadline: float
+) -> Resumed:
+    """SIGKILL the process running a 12-job run once 4 jobs are checkpointed; retry it.
+
+    The other serving process must keep serving new runs meanwhile; Prefect's automation
+    must mark the run crashed within ``CRASH_AFTER`` (+60 s); the retry must complete every
+    job, none of those checkpointed before the kill run again.
+    """
+    jobs = [
+        {"url": pages.url(f"/slow?s=1&{tag}={i}"), "runners": ["exampleTitleVisibleTest"]}
+        for i in range(12)
+    ]
+    run_id = await start(http, jobs, options={"maxConcurrency": 2})
+    until = time.monotonic() + deadline
+    while len(done_before := await checkpointed_jobs(topology, run_id)) < 4:
+        assert time.monotonic() < until, "no job was checkpointed"
+        await asyncio.sleep(0.2)
+    serving = serving_process_of(topology, run_id)
+    topology.processes[serving].kill()
+    killed_at = time.monotonic()
+    try:
+        other = await start(http, jobs_for(topology, pages, 2))
+        assert (await wait_result(http, other))["state"] == "completed"
+        while True:  # Prefect's automation marks it crashed: no heartbeat any more
+            status = (await http.get(f"{PREFIX}/runs/{run_id}")).json()
+            if status["status"] == "crashed":
+                break
+            assert time.monotonic() - killed_at < CRASH_AFTER + 60, status
+            await asyncio.sleep(1)
+        crashed_after = time.monotonic() - killed_at
+    finally:
+        topology.restart(serving)
+    retried = await http.post(f"{PREFIX}/runs/{run_id}/retry")
+    assert retried.status_code == 202, retried.text
+    summary = await wait_result(http, run_id)
+    assert [job["state"] for job in summary["jobs"]] == ["completed"] * 12  # one summary
+    for job in summary["jobs"]:
+        url = urlsplit(job["job"]["url"])
+        hits = HITS[f"{url.path}?{url.query}"]
+        if job["jobId"] in done_before:
+            assert hits == 1, job  # completed before the crash: not run again
+        else:
+            assert hits >= 1, job
+    return Resumed(summary, done_before, crashed_after)

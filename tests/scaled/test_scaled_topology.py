@@ -11,22 +11,19 @@ import os
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from runs import (
     FINISHED,
     PREFIX,
-    checkpointed_jobs,
+    crash_and_resume,
     jobs_for,
-    serving_process_of,
     start,
     wait_result,
 )
 
-from helpers import HITS
-from topology import CRASH_AFTER, ScaledTopology
+from topology import ScaledTopology
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -227,40 +224,9 @@ async def test_runner_server_killed_and_one_hanging_every_job_accounted_for(topo
 
 async def test_serving_process_killed_run_crashes_and_a_retry_resumes_it(topology, pages):
     """SIGKILL mid-run: crashed within the automation's bound, and the retry skips done jobs."""
-    jobs = [
-        {"url": pages.url(f"/slow?s=1&resume={i}"), "runners": ["exampleTitleVisibleTest"]}
-        for i in range(12)
-    ]
     async with httpx.AsyncClient(base_url=topology.api, timeout=60) as http:
-        run_id = await start(http, jobs, options={"maxConcurrency": 2})
-        deadline = time.monotonic() + 120
-        while len(done_before := await checkpointed_jobs(topology, run_id)) < 4:
-            assert time.monotonic() < deadline, "no job was checkpointed"
-            await asyncio.sleep(0.2)
-        serving = serving_process_of(topology, run_id)
-        topology.processes[serving].kill()
-        killed_at = time.monotonic()
-        try:
-            # The other serving process keeps serving new runs meanwhile.
-            other = await start(http, jobs_for(topology, pages, 2))
-            assert (await wait_result(http, other))["state"] == "completed"
-            while True:  # Prefect's automation marks it crashed: no heartbeat any more
-                status = await http.get(f"{PREFIX}/runs/{run_id}")
-                if status.json()["status"] == "crashed":
-                    break
-                assert time.monotonic() - killed_at < CRASH_AFTER + 60, status.json()
-                await asyncio.sleep(1)
-            crashed_after = time.monotonic() - killed_at
-        finally:
-            topology.restart(serving)
-        retried = await http.post(f"{PREFIX}/runs/{run_id}/retry")
-        assert retried.status_code == 202, retried.text
-        summary = await wait_result(http, run_id)
-    assert [job["state"] for job in summary["jobs"]] == ["completed"] * 12  # one summary
-    for job in summary["jobs"]:
-        hits = HITS[urlsplit(job["job"]["url"]).path + "?" + urlsplit(job["job"]["url"]).query]
-        if job["jobId"] in done_before:
-            assert hits == 1, job  # completed before the crash: not run again
-        else:
-            assert hits >= 1, job
-    print(f"crashed {crashed_after:.1f}s after SIGKILL; {len(done_before)} of 12 jobs kept")  # noqa: T201
+        resumed = await crash_and_resume(topology, http, pages, "resume", deadline=120)
+    print(  # noqa: T201 - the figures for docs/scaling.md, seen with -s
+        f"crashed {resumed.crashed_after:.1f}s after SIGKILL; "
+        f"{len(resumed.done_before)} of 12 jobs kept"
+    )

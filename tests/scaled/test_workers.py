@@ -12,16 +12,13 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from runs import PREFIX, checkpointed_jobs, jobs_for, serving_process_of, start, wait_result
+from runs import PREFIX, crash_and_resume, jobs_for, start, wait_result
 
-from helpers import HITS
-from topology import CRASH_AFTER, ScaledTopology
+from topology import ScaledTopology
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,42 +70,11 @@ async def test_runs_through_workers_complete_and_every_replica_reads_them(worker
 
 async def test_worker_killed_run_crashes_and_a_retry_resumes_it(workers, pages):
     """SIGKILL a worker (and the run's process below it): crashed, then resumed elsewhere."""
-    jobs = [
-        {"url": pages.url(f"/slow?s=1&worker={i}"), "runners": ["exampleTitleVisibleTest"]}
-        for i in range(12)
-    ]
     async with httpx.AsyncClient(base_url=workers.api, timeout=60) as http:
-        run_id = await start(http, jobs, options={"maxConcurrency": 2})
-        deadline = time.monotonic() + 180
-        while len(done_before := await checkpointed_jobs(workers, run_id)) < 4:
-            assert time.monotonic() < deadline, "no job was checkpointed"
-            await asyncio.sleep(0.2)
-        worker = serving_process_of(workers, run_id)
-        workers.processes[worker].kill()
-        killed_at = time.monotonic()
-        try:
-            other = await start(http, jobs_for(workers, pages, 2))  # the other worker serves
-            assert (await wait_result(http, other))["state"] == "completed"
-            while True:  # the automation, created by `python -m ...crash_detection`
-                status = (await http.get(f"{PREFIX}/runs/{run_id}")).json()
-                if status["status"] == "crashed":
-                    break
-                assert time.monotonic() - killed_at < CRASH_AFTER + 60, status
-                await asyncio.sleep(1)
-            crashed_after = time.monotonic() - killed_at
-        finally:
-            workers.restart(worker)
-        retried = await http.post(f"{PREFIX}/runs/{run_id}/retry")
-        assert retried.status_code == 202, retried.text
-        summary = await wait_result(http, run_id)
-    assert [job["state"] for job in summary["jobs"]] == ["completed"] * 12  # one summary
-    for job in summary["jobs"]:
-        url = urlsplit(job["job"]["url"])
-        if job["jobId"] in done_before:
-            assert HITS[f"{url.path}?{url.query}"] == 1, job  # not run again
+        resumed = await crash_and_resume(workers, http, pages, "worker", deadline=180)
     print(  # noqa: T201 - the figures for docs/scaling.md, seen with -s
-        f"worker killed: crashed {crashed_after:.1f}s after SIGKILL; "
-        f"{len(done_before)} of 12 jobs kept"
+        f"worker killed: crashed {resumed.crashed_after:.1f}s after SIGKILL; "
+        f"{len(resumed.done_before)} of 12 jobs kept"
     )
 
 

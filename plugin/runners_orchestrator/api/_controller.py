@@ -424,8 +424,7 @@ class OrchestratorController(Controller):
         prefect: Gateway,
     ) -> Response[dict[str, Any]]:
         """Schedule a failed, crashed or cancelled run again; anything else is a 409."""
-        orchestrator.authorize(request)
-        flow_run = await orchestrator.read_run(orchestrator.parse_run_id(run_id))
+        flow_run = await orchestrator.run_to_change(request, run_id)
         status = run_status(flow_run)
         if status not in RETRYABLE:
             raise ApiError(
@@ -459,8 +458,7 @@ class OrchestratorController(Controller):
         prefect: Gateway,
     ) -> Response[dict[str, Any]]:
         """Ask Prefect to cancel the run; a run that already ended is a 409."""
-        orchestrator.authorize(request)
-        flow_run = await orchestrator.read_run(orchestrator.parse_run_id(run_id))
+        flow_run = await orchestrator.run_to_change(request, run_id)
         if flow_run.state is not None and flow_run.state.is_final():
             raise ApiError(
                 409,

@@ -169,7 +169,7 @@ class PrefectGateway:
         Raises:
             PrefectUnavailableError: no deployment serves the workflow.
         """
-        name = f"{workflow.flow.name}/{deployment or workflow.name}"
+        name = workflow.deployment_name(deployment)
         cached = self._deployments.get(name)
         if cached is not None:
             return cached
@@ -195,7 +195,7 @@ class PrefectGateway:
         deployment: str | None = None,
     ) -> FlowRun:
         """Create a flow run of ``workflow``'s deployment (or of its ``deployment``)."""
-        full_name = f"{workflow.flow.name}/{deployment or workflow.name}"
+        full_name = workflow.deployment_name(deployment)
         deployment_id = await self.deployment_id(workflow, deployment)
 
         async def create() -> FlowRun:
@@ -251,7 +251,7 @@ class PrefectGateway:
         Raises:
             PrefectUnavailableError: Prefect did not answer.
         """
-        wanted = {f"{w.flow.name}/{w.name}": w.name for w in workflows}
+        wanted = {w.deployment_name(): w.name for w in workflows}
         if not wanted:
             return set()
         flows = FlowFilter(name=FlowFilterName(any_=sorted({k.split("/")[0] for k in wanted})))

@@ -285,6 +285,11 @@ class ApiState:
         except RunNotFoundError:
             raise ApiError(404, "run_not_found", f"no run {run_id}") from None
 
+    async def run_to_change(self, request: Request[Any, Any, Any], run_id: str) -> FlowRun:
+        """The run a retry or a cancel acts on: the caller authorized, then the run read."""
+        self.authorize(request)
+        return await self.read_run(self.parse_run_id(run_id))
+
     async def orchestrator_of(self, flow_run: FlowRun) -> str:
         """The workflow name of ``flow_run`` (its flow's name if no workflow has it now)."""
         flow_name = await self.prefect.flow_name(flow_run.flow_id)

@@ -125,10 +125,11 @@ def _wait_for_deployments(timeout: float) -> None:
     prefect_api = PREFECT_API_URL.value()
     if not prefect_api:
         raise CommandError("--wait-for-deployments needs PREFECT_API_URL", usage=True)
-    names = discover_project().names()
+    discovery = discover_project()
+    deployments = {name: discovery.workflows[name].deployment_name() for name in discovery.names()}
     log = logging.getLogger("runners_orchestrator.api")
     try:
-        wait_for_deployments(prefect_api, names, timeout, out=log.info)
+        wait_for_deployments(prefect_api, deployments, timeout, out=log.info)
     except StackError as exc:
         raise CommandError(str(exc)) from None
 

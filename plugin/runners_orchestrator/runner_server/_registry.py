@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar
 
 from runners_orchestrator.exceptions import ConfigurationError, RunnerNotFoundError
 from runners_orchestrator.models import RunnerResult
@@ -76,6 +76,8 @@ BrowserRunnerFunction: TypeAlias = Callable[["Page", RunnerContext], Awaitable[R
 ``page`` is a Playwright page in a browser context of its own, already loaded at
 ``ctx.url`` (its ``load`` event fired) when the input has a URL.
 """
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[RunnerResult]])
 
 
 def _validate(input_model: type[BaseModel] | None, data: dict[str, Any]) -> dict[str, Any]:
@@ -161,23 +163,7 @@ class RunnerRegistry:
         input_model: type[BaseModel] | None = None,
     ) -> Callable[[RunnerFunction], RunnerFunction]:
         """Register the decorated async function as a runner (named after it by default)."""
-
-        def decorator(fn: RunnerFunction) -> RunnerFunction:
-            if not asyncio.iscoroutinefunction(fn):
-                raise ConfigurationError(
-                    f"runner {fn.__qualname__} must be an async function (async def)"
-                )
-            self.add(
-                Runner(
-                    name=name or fn.__name__,
-                    fn=fn,
-                    input_model=input_model,
-                    description=(fn.__doc__ or "").strip().split("\n", 1)[0],
-                )
-            )
-            return fn
-
-        return decorator
+        return self._registering(Runner, "runner", name, input_model)
 
     def register_browser(
         self,
@@ -191,19 +177,25 @@ class RunnerRegistry:
         context of its own, and the :class:`RunnerContext` (``ctx.input`` is the job's
         input). Only a server started with the browser engine offers it.
         """
+        return self._registering(BrowserRunner, "browser runner", name, input_model)
 
-        def decorator(fn: BrowserRunnerFunction) -> BrowserRunnerFunction:
-            if not asyncio.iscoroutinefunction(fn):
+    def _registering(
+        self,
+        kind: Callable[..., Runner | BrowserRunner],
+        what: str,
+        name: str | None,
+        input_model: type[BaseModel] | None,
+    ) -> Callable[[_F], _F]:
+        """The decorator of ``register`` and ``register_browser``: check, wrap, add."""
+
+        def decorator(fn: _F) -> _F:
+            if not _is_async(fn):
                 raise ConfigurationError(
-                    f"browser runner {fn.__qualname__} must be an async function (async def)"
+                    f"{what} {fn.__qualname__} must be an async function (async def)"
                 )
+            summary = (fn.__doc__ or "").strip().split("\n", 1)[0]
             self.add(
-                BrowserRunner(
-                    name=name or fn.__name__,
-                    fn=fn,
-                    input_model=input_model,
-                    description=(fn.__doc__ or "").strip().split("\n", 1)[0],
-                )
+                kind(name=name or fn.__name__, fn=fn, input_model=input_model, description=summary)
             )
             return fn
 
@@ -309,3 +301,8 @@ def _plain(message: str) -> str:
 def _is_union_branch(part: str | int) -> bool:
     """Pydantic names union branches in the location (``str``, ``RunnerSpec``); zod does not."""
     return isinstance(part, str) and (part in {"str", "RunnerSpec"} or part.startswith("function-"))
+
+
+def _is_async(fn: object) -> bool:
+    """Whether ``fn`` is an ``async def`` (a plain bool: no narrowing of the caller's type)."""
+    return asyncio.iscoroutinefunction(fn)

@@ -11,6 +11,7 @@ reports, the second by suspending a run from outside, as the Prefect UI does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,20 +68,20 @@ async def ticking(ticks: int = 80) -> int:
 '''
 
 
-@pytest.fixture
-def served(request, tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen[str]]:
-    poll = getattr(request, "param", "1")
-    (tmp_path / "pyproject.toml").write_text('[project]\nname = "probe"\n')
-    (tmp_path / "flows").mkdir()
-    (tmp_path / "flows" / "probe.py").write_text(textwrap.dedent(PROBE))
+@contextlib.contextmanager
+def serving(project: Path, poll: str) -> Iterator[subprocess.Popen[str]]:
+    """`serve-flows --poll POLL` on a project whose workflows are PROBE's."""
+    (project / "pyproject.toml").write_text('[project]\nname = "probe"\n')
+    (project / "flows").mkdir()
+    (project / "flows" / "probe.py").write_text(textwrap.dedent(PROBE))
     env = {
         **os.environ,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_HOME": str(tmp_path / ".prefect"),
+        "PREFECT_HOME": str(project / ".prefect"),
     }
     process = subprocess.Popen(
         [*CLI, "serve-flows", "--poll", poll, "--log-level", "warning"],
-        cwd=tmp_path,
+        cwd=project,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -92,6 +93,20 @@ def served(request, tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, prefect_server
+) -> Iterator[subprocess.Popen[str]]:
+    with serving(tmp_path_factory.mktemp("probe"), poll="1") as process:
+        yield process
+
+
+@pytest.fixture
+def served_polling_rarely(tmp_path: Path, prefect_server) -> Iterator[subprocess.Popen[str]]:
+    with serving(tmp_path, poll="120") as process:
+        yield process
 
 
 async def start(name: str, process: subprocess.Popen[str], **parameters: object) -> uuid.UUID:
@@ -159,9 +174,11 @@ async def tick_count(run_id: uuid.UUID) -> int:
     return len(ticks)
 
 
-@pytest.mark.parametrize("served", ["120"], indirect=True)
-async def test_a_new_run_is_picked_up_when_prefect_announces_it_not_at_the_next_poll(served):
+async def test_a_new_run_is_picked_up_when_prefect_announces_it_not_at_the_next_poll(
+    served_polling_rarely,
+):
     """With a poll every two minutes, only the Scheduled event can start the run this soon."""
+    served = served_polling_rarely
     await start("probe", served)  # the first poll, at start-up, has passed once it is served
     await asyncio.sleep(1)
     started = time.monotonic()

@@ -82,7 +82,8 @@ class _SSLWithSharedContexts(types.ModuleType):
     create_default_context = staticmethod(shared_tls_context)
 
 
-_observe_suspension = prefect.flow_engine.observe_flow_run_suspension  # type: ignore[attr-defined]
+_observe_suspension = getattr(prefect.flow_engine, "observe_flow_run_suspension", None)
+"""Prefect's own observer (``None`` in a Prefect without one: then nothing is replaced)."""
 
 
 @contextlib.contextmanager
@@ -96,6 +97,9 @@ def observe_suspension_in_background(
     of its own, so the flow starts at once. On exit the observer is stopped as Prefect
     stops it, once it has finished starting.
     """
+    if _observe_suspension is None:  # never installed so: Prefect has no observer to start
+        yield
+        return
     observing = _observe_suspension(flow_run_id, suspension_request, polling_interval)
     starting = threading.Thread(
         target=contextvars.copy_context().run,  # the run's settings, as in Prefect's thread
@@ -122,7 +126,8 @@ def warm_up() -> None:
         certifi_tls_context()  # httpx's default, for the runner servers
         # Prefect's clients trust PREFECT_API_SSL_CERT_FILE (SSL_CERT_FILE) when it is set.
         shared_tls_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
-        prefect.flow_engine.observe_flow_run_suspension = observe_suspension_in_background  # type: ignore[attr-defined]
+        if _observe_suspension is not None:
+            prefect.flow_engine.observe_flow_run_suspension = observe_suspension_in_background  # type: ignore[attr-defined]
     except Exception:  # pragma: no cover - a Prefect without these names
         logger.warning("run processes start without the warm-up", exc_info=True)
 

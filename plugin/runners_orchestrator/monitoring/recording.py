@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -166,22 +167,15 @@ def checks_of_run(
             return []  # a workflow of another shape, or stopped on purpose
         message = (flow_run.state.message if flow_run.state else None) or state
         for job in _parameter_jobs(flow_run):
-            suite, job_tags = _suite_of(job, tags)
+            of_job = partial(_check, job, tags, run_id, state)
             out.extend(
-                CheckResult(
-                    key=check_key(job.url, runner, job.region),
-                    url=job.url,
-                    runner=runner,
-                    region=job.region,
-                    suite=suite,
-                    tags=job_tags,
+                of_job(
+                    runner,
                     at=ended,
                     status="error",
                     duration_ms=None,
                     server=None,
                     served_region=None,
-                    flow_run_id=run_id,
-                    run_state=state,
                     error=f"the run {state} without a result: {message}",
                     counts_for_alerts=False,
                 )
@@ -190,7 +184,7 @@ def checks_of_run(
         return out
     for job_result in jobs:
         job = job_result.job
-        suite, job_tags = _suite_of(job, tags)
+        of_job = partial(_check, job, tags, run_id, state)
         by_name = {r.name: r for r in job_result.results}
         server_url = (server_urls or {}).get(job_result.server or "")
         for runner in job.runners:
@@ -202,26 +196,37 @@ def checks_of_run(
             elif result.status != "pass":
                 error = result.error_message or _failing_detail(result.details)
             out.append(
-                CheckResult(
-                    key=check_key(job.url, runner, job.region),
-                    url=job.url,
-                    runner=runner,
-                    region=job.region,
-                    suite=suite,
-                    tags=job_tags,
+                of_job(
+                    runner,
                     at=job_result.completed_at,
                     status=status,
                     duration_ms=result.duration_ms if result else None,
                     server=job_result.server,
                     served_region=job_result.region,
-                    flow_run_id=run_id,
-                    run_state=state,
                     error=error,
                     details=result.details if result else None,
                     screenshot=_screenshot(result.details if result else None, server_url),
                 )
             )
     return out
+
+
+def _check(
+    job: RunnerJob, run_tags: list[str], run_id: str, run_state: str, runner: str, **outcome: Any
+) -> CheckResult:
+    """One check's result: what identifies it (job, runner, suite, run) and its ``outcome``."""
+    suite, tags = _suite_of(job, run_tags)
+    return CheckResult(
+        key=check_key(job.url, runner, job.region),
+        url=job.url,
+        runner=runner,
+        region=job.region,
+        suite=suite,
+        tags=tags,
+        flow_run_id=run_id,
+        run_state=run_state,
+        **outcome,
+    )
 
 
 def _failing_detail(details: dict[str, Any] | None) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 import uvicorn
 
 if TYPE_CHECKING:
@@ -225,6 +226,23 @@ def wait_until_healthy(url: str, process: subprocess.Popen[str], timeout: float 
             time.sleep(0.1)
     msg = f"{url} did not answer within {timeout}s"
     raise RuntimeError(msg)
+
+
+async def wait_for_deployment(
+    name: str, process: subprocess.Popen[str], timeout: float = 60
+) -> Any:
+    """The deployment ``flow/deployment`` once ``process`` (a serving process) registered it."""
+    from prefect.client.orchestration import get_client  # noqa: PLC0415 - slow import
+
+    async with get_client() as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{name} was not served")
+                await asyncio.sleep(0.2)
 
 
 @contextlib.contextmanager

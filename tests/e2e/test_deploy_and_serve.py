@@ -16,7 +16,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from helpers import CLI
+from helpers import CLI, wait_for_deployment
 
 PREFECT = [str(Path(sys.executable).parent / "prefect")]
 HELPER = """\
@@ -131,18 +131,6 @@ async def test_serve_flows_completes_a_run_submitted_through_the_api(project):
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
-
-
-async def wait_for_deployment(name: str, process: subprocess.Popen[str], timeout: float = 60):
-    async with get_client() as client:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return await client.read_deployment_by_name(name)
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{name} was not served")
-                await asyncio.sleep(0.2)
 
 
 async def test_reload_serves_a_workflow_added_while_running(project):

@@ -25,7 +25,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Suspended
 
-from helpers import CLI
+from helpers import CLI, wait_for_deployment
 
 if TYPE_CHECKING:
     import uuid
@@ -110,16 +110,8 @@ def served_polling_rarely(tmp_path: Path, prefect_server) -> Iterator[subprocess
 
 
 async def start(name: str, process: subprocess.Popen[str], **parameters: object) -> uuid.UUID:
+    deployment = await wait_for_deployment(f"{name}/{name}", process)
     async with get_client() as client:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                deployment = await client.read_deployment_by_name(f"{name}/{name}")
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{name} was not served")
-                await asyncio.sleep(0.2)
         run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
     return run.id
 

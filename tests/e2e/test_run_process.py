@@ -26,6 +26,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Suspended
 
 from helpers import CLI, wait_for_deployment
+from runners_orchestrator.crash_detection import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
     import uuid
@@ -43,12 +44,19 @@ from prefect.client import orchestration
 
 async def probe() -> dict:
     """What the run's own process looks like."""
+    from prefect.settings import get_current_settings
+
     ssl = orchestration.ssl
     first = ssl.create_default_context(cafile=certifi.where())
+    settings = get_current_settings()
     return {
         "pid": os.getpid(),
         "tls_shared": first is ssl.create_default_context(cafile=certifi.where()),
         "observer": prefect.flow_engine.observe_flow_run_suspension.__name__,
+        # Handed over as environment only (run_process): still the serving process's.
+        "api_url": settings.api.url,
+        "heartbeat": settings.flows.heartbeat_frequency,
+        "client_retries": settings.client.max_retries,
     }
 
 
@@ -78,6 +86,7 @@ def serving(project: Path, poll: str) -> Iterator[subprocess.Popen[str]]:
         **os.environ,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
         "PREFECT_HOME": str(project / ".prefect"),
+        "PREFECT_CLIENT_MAX_RETRIES": "7",
     }
     process = subprocess.Popen(
         [*CLI, "serve-flows", "--poll", poll, "--log-level", "warning"],
@@ -135,6 +144,10 @@ async def test_a_served_runs_process_shares_tls_and_observes_beside_the_flow(ser
     assert facts["pid"] != served.pid  # its own process, forked from the warm fork server
     assert facts["tls_shared"] is True
     assert facts["observer"] == "observe_suspension_in_background"
+    # The serving process's settings reached the run: its environment and the one it set.
+    assert facts["api_url"] == str(PREFECT_API_URL.value())
+    assert facts["heartbeat"] == HEARTBEAT_SECONDS  # set by serve-flows for its runs
+    assert facts["client_retries"] == 7
 
 
 async def test_a_run_suspended_from_outside_stops_at_its_next_task(served):

@@ -1,38 +1,26 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from prefect import Flow, flow
+
+from runners_orchestrator.discovery import discover
 
 if TYPE_CHECKING:
-    from types import ModuleType
+    from prefect import Flow
 
 FLOWS = Path(__file__).parents[2] / "flows"
 
 
-def load_seed() -> ModuleType:
-    """The seed workflows, loaded from flows/ as a user's file would be."""
-    spec = importlib.util.spec_from_file_location(
-        "orchestrate_runners", FLOWS / "orchestrate_runners.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def seed_flows(prefect_server) -> dict[str, Flow[Any, Any]]:
-    """The seed's plain functions wrapped as Prefect flows (discovery will do this)."""
-    seed = load_seed()
+    """The seed's plain functions as discovery wraps them in Prefect flows, as served."""
+    found = discover(FLOWS.parent)
     return {
-        "orchestrate_runners": flow(seed.orchestrate_runners),
-        "execute_single_runner": flow(seed.execute_single_runner),
+        name: found.workflows[name].flow
+        for name in ("orchestrate_runners", "execute_single_runner")
     }
 
 

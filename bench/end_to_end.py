@@ -103,6 +103,7 @@ class Stack:
     api: str
     runners: list[str]
     pages: str
+    prefect: str
 
 
 def start_stack(
@@ -137,7 +138,11 @@ def start_stack(
         raise SystemExit("dev did not become ready within 180 s")
     runners = [f"http://127.0.0.1:{runner_port + i}/api/runner" for i in range(2)]
     stack = Stack(
-        process, f"http://127.0.0.1:{api_port}{PREFIX}", runners, f"http://127.0.0.1:{page_port}"
+        process,
+        f"http://127.0.0.1:{api_port}{PREFIX}",
+        runners,
+        f"http://127.0.0.1:{page_port}",
+        f"http://127.0.0.1:{prefect_port}/api",
     )
     return stack, pages
 

@@ -90,6 +90,10 @@ async def serve_flows(
             "stays RUNNING until someone marks it",
             exc_info=True,
         )
+    # Every run's process is this same install talking to the server this process has just
+    # checked: as Prefect suggests for such subprocesses, their clients skip the version
+    # handshake (one request before each run starts). An operator's own choice stands.
+    os.environ.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
     runner = Runner(
         name=f"runners-orchestrator-{os.getpid()}",
         query_seconds=query_seconds,

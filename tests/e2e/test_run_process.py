@@ -57,6 +57,7 @@ async def probe() -> dict:
         "api_url": settings.api.url,
         "heartbeat": settings.flows.heartbeat_frequency,
         "client_retries": settings.client.max_retries,
+        "version_check": settings.client.server_version_check_enabled,
     }
 
 
@@ -148,6 +149,7 @@ async def test_a_served_runs_process_shares_tls_and_observes_beside_the_flow(ser
     assert facts["api_url"] == str(PREFECT_API_URL.value())
     assert facts["heartbeat"] == HEARTBEAT_SECONDS  # set by serve-flows for its runs
     assert facts["client_retries"] == 7
+    assert facts["version_check"] is False  # serve-flows checked the server for its runs
 
 
 async def test_a_run_suspended_from_outside_stops_at_its_next_task(served):

@@ -23,18 +23,9 @@ $(BIN)/runners-orchestrator: pyproject.toml
 dev: $(BIN)/runners-orchestrator
 	$(BIN)/runners-orchestrator dev
 
-## Run the test suite. The scaled topology's tests (PostgreSQL, Redis, HAProxy; minutes of
-## waiting on Prefect's crash detection and a load test) run in a second pytest beside the
-## rest; their report follows the main one. `pytest` alone runs everything in one process.
+## Run the test suite.
 test: $(BIN)/runners-orchestrator $(TS_CLIENT)
-	@$(BIN)/pytest -m scaled -p no:cacheprovider > .scaled-tests.log 2>&1 & scaled=$$!; \
-	trap 'kill -INT $$scaled 2>/dev/null' INT TERM; \
-	$(BIN)/pytest -m "not scaled"; rest=$$?; \
-	wait $$scaled; scaled_rc=$$?; \
-	echo "==== scaled topology tests (pytest -m scaled, run beside the rest) ===="; \
-	cat .scaled-tests.log; \
-	echo "main suite exit code $$rest, scaled tests exit code $$scaled_rc"; \
-	[ $$rest -eq 0 ] && [ $$scaled_rc -eq 0 ]
+	$(BIN)/pytest
 
 ## Lint, format check and type check, as CI does.
 lint: $(BIN)/runners-orchestrator

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from prefect import tags
 from prefect.context import serialize_context
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_KEY,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    Settings,
+    temporary_settings,
+)
 
 from runners_orchestrator.run_process import _context_without_settings, _SettingsEnvironmentOnce
 
@@ -47,3 +53,12 @@ def test_a_runs_context_is_prefects_without_the_settings():
         assert handed["tags_context"]["current_tags"] == {"nightly"}
         # Only a copy of the context stood in: the settings context here is untouched.
         assert serialize_context()["settings_context"] == full["settings_context"]
+
+
+def test_secret_settings_reach_a_run_through_its_environment():
+    # The run's process no longer gets a serialized copy of the settings: a secret the
+    # serving process holds (from a profile, say) must be in the environment it hands over.
+    with temporary_settings({PREFECT_API_KEY: "pnu_secret", PREFECT_API_AUTH_STRING: "u:p"}):
+        environment = _SettingsEnvironmentOnce().to_environment_variables(exclude_unset=True)
+    assert environment["PREFECT_API_KEY"] == "pnu_secret"
+    assert environment["PREFECT_API_AUTH_STRING"] == "u:p"

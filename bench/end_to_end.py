@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -33,10 +34,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from dev_ready import free_port, launch_dev, runner_ports  # bench/ is the script's folder
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).parents[1]
 PREFIX = "/api/orchestrator"
@@ -145,6 +149,20 @@ def start_stack(
         f"http://127.0.0.1:{prefect_port}/api",
     )
     return stack, pages
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, settings: dict[str, str] | None = None) -> Iterator[Stack]:
+    """:func:`start_stack` on a new state folder; stopped (its whole session) on the way out."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as state:
+        stack, pages = start_stack(state, settings)
+        try:
+            yield stack
+        finally:
+            os.killpg(stack.process.pid, signal.SIGTERM)
+            stack.process.wait(60)
+            pages.terminate()
+            pages.wait(10)
 
 
 def jobs_for(stack: Stack, count: int, delay: float) -> list[dict[str, Any]]:
@@ -256,15 +274,8 @@ def main() -> None:
     settings = {}
     if args.task_per_job_limit is not None:
         settings["ORCHESTRATOR_TASK_PER_JOB_LIMIT"] = str(args.task_per_job_limit)
-    with tempfile.TemporaryDirectory(prefix="end-to-end-") as state:
-        stack, pages = start_stack(state, settings)
-        try:
-            asyncio.run(bench(stack, args))
-        finally:
-            os.killpg(stack.process.pid, signal.SIGTERM)
-            stack.process.wait(60)
-            pages.terminate()
-            pages.wait(10)
+    with running_stack("end-to-end-", settings) as stack:
+        asyncio.run(bench(stack, args))
 
 
 if __name__ == "__main__":

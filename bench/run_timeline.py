@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
 import httpx
-from end_to_end import Stack, jobs_for, pct, start_stack  # bench/ is the script's folder
+from end_to_end import Stack, jobs_for, pct, running_stack  # bench/ is the script's folder
 
 
 def _at(stamp: str | None) -> float | None:
@@ -109,15 +106,8 @@ def main() -> None:
         "--pause", type=float, default=1.0, help="seconds between one run's result and the next"
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="run-timeline-") as state:
-        stack, pages = start_stack(state)
-        try:
-            asyncio.run(bench(stack, args))
-        finally:
-            os.killpg(stack.process.pid, signal.SIGTERM)
-            stack.process.wait(60)
-            pages.terminate()
-            pages.wait(10)
+    with running_stack("run-timeline-") as stack:
+        asyncio.run(bench(stack, args))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,23 @@ async def plain(stack: Stack, jobs: list[dict[str, Any]], window: int) -> float:
         return time.perf_counter() - started
 
 
+async def completed(
+    http: httpx.AsyncClient, stack: Stack, started: httpx.Response, poll: float
+) -> tuple[str, dict[str, Any]]:
+    """The run a start answered with, read every ``poll`` s until it ended completed."""
+    if started.status_code != 202:
+        raise SystemExit(f"start answered {started.status_code}: {started.text[:300]}")
+    run_id = started.json()["runId"]
+    while True:
+        envelope = (await http.get(f"{stack.api}/runs/{run_id}")).json()
+        if envelope["status"] not in ("pending", "running"):
+            break
+        await asyncio.sleep(poll)
+    if envelope["status"] != "completed":
+        raise SystemExit(f"run {run_id} ended {envelope['status']}: {envelope.get('error')}")
+    return run_id, envelope
+
+
 async def through_api(stack: Stack, jobs: list[dict[str, Any]], window: int) -> float:
     """Submit → the run's result readable from the API."""
     async with httpx.AsyncClient(timeout=60) as http:
@@ -199,17 +216,8 @@ async def through_api(stack: Stack, jobs: list[dict[str, Any]], window: int) -> 
             f"{stack.api}/orchestrate_runners",
             json={"jobs": jobs, "options": {"maxConcurrency": window}},
         )
-        if response.status_code != 202:
-            raise SystemExit(f"start answered {response.status_code}: {response.text[:300]}")
-        run_id = response.json()["runId"]
-        while True:
-            envelope = (await http.get(f"{stack.api}/runs/{run_id}")).json()
-            if envelope["status"] not in ("pending", "running"):
-                break
-            await asyncio.sleep(0.02)
+        run_id, envelope = await completed(http, stack, response, poll=0.02)
         elapsed = time.perf_counter() - started
-    if envelope["status"] != "completed":
-        raise SystemExit(f"run {run_id} ended {envelope['status']}: {envelope.get('error')}")
     passed = envelope["result"]["summary"]["passed"]
     if passed != len(jobs):
         raise SystemExit(f"run {run_id}: {passed} of {len(jobs)} checks passed")

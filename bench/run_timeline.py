@@ -21,7 +21,13 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from end_to_end import Stack, jobs_for, pct, running_stack  # bench/ is the script's folder
+from end_to_end import (  # bench/ is the script's folder
+    Stack,
+    completed,
+    jobs_for,
+    pct,
+    running_stack,
+)
 
 
 def _at(stamp: str | None) -> float | None:
@@ -34,16 +40,7 @@ async def one_run(http: httpx.AsyncClient, stack: Stack, jobs: int) -> dict[str,
         f"{stack.api}/orchestrate_runners", json={"jobs": jobs_for(stack, jobs, 0)}
     )
     accepted = time.time()
-    if response.status_code != 202:
-        raise SystemExit(f"start answered {response.status_code}: {response.text[:300]}")
-    run_id = response.json()["runId"]
-    while True:
-        envelope = (await http.get(f"{stack.api}/runs/{run_id}")).json()
-        if envelope["status"] not in ("pending", "running"):
-            break
-        await asyncio.sleep(0.01)
-    if envelope["status"] != "completed":
-        raise SystemExit(f"run {run_id} ended {envelope['status']}: {envelope.get('error')}")
+    run_id, _ = await completed(http, stack, response, poll=0.01)
     return {"id": run_id, "submitted": submitted, "accepted": accepted, "served": time.time()}
 
 

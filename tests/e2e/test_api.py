@@ -8,16 +8,20 @@ import os
 import subprocess
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
 from prefect.settings import PREFECT_API_URL
 
 from helpers import CLI, TcpProxy, serve_app
 from runners_orchestrator.api import OrchestratorConfig, create_app
+from runners_orchestrator.client import ApiBackend
 from runners_orchestrator.runner_server import RunnerServerConfig, create_runner_app
 from runners_orchestrator.settings import load_settings
 
@@ -471,25 +475,35 @@ async def test_openapi_has_each_workflow_body_schema(api):
 
 
 @pytest.mark.timeout(300)  # 40 starts; slow, not hung, beside the scaled tests' load
-async def test_twenty_concurrent_clients_all_get_their_202(api, stack):
-    # Prefect's SQLite server answers 503 "database is locked" when writes contend; the
-    # API retries behind a bounded number of concurrent writes, so clients never see it.
+async def test_twenty_concurrent_clients_each_start_their_runs_once(api, stack):
+    # Prefect's SQLite server answers 503 "database is locked" when writes contend; the API
+    # queues run creations behind a bounded number of concurrent writes and retries them for
+    # `prefect_retry_seconds`, so a burst of clients normally never sees it. On a starved
+    # machine (CI, beside the scaled tests' PostgreSQL load) SQLite can stay locked longer
+    # than that: the API then answers 503 with Retry-After, and our own client waits it out
+    # with the same Idempotency-Key. What must hold either way: every start gets its run,
+    # exactly one per start, and no client is left with an error.
     body = {"job": {"url": stack["page"], "runners": ["exampleTitleVisibleTest"]}}
+    waits: list[str] = []
+    began = datetime.now(UTC)
 
-    async def client_starts(n: int) -> list[tuple[int, str]]:
-        # What is checked is that every start gets its 202, not how soon: beside the scaled
-        # tests' load (`make test`) a start waited up to 60 s for its turn at SQLite.
+    async def client_starts(n: int) -> list[str]:
         async with httpx.AsyncClient(base_url=stack["api"], timeout=180) as own:
-            answers = []
-            for _ in range(n):
-                response = await own.post(f"{PREFIX}/execute_single_runner", json=body)
-                answers.append((response.status_code, response.text[:300]))
-            return answers
+            backend = ApiBackend(own, PREFIX, start_wait=240, on_wait=waits.append)
+            return [await backend.start("execute_single_runner", body) for _ in range(n)]
 
-    answers = await asyncio.gather(*(client_starts(2) for _ in range(20)))
-    failures = [a for per_client in answers for a in per_client if a[0] != 202]
-    assert failures == []
-    assert sum(len(a) for a in answers) == 40
+    started = await asyncio.gather(*(client_starts(2) for _ in range(20)))
+    run_ids = [run_id for per_client in started for run_id in per_client]
+    print(f"40 starts, {len(waits)} waited out a 503: {waits[:1]}")  # noqa: T201 - seen with -s
+    assert len(run_ids) == 40
+    assert len(set(run_ids)) == 40
+    assert all("HTTP 503" in wait for wait in waits)
+    # Prefect holds exactly those 40: no retried start made a second run.
+    since = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=began))
+    async with get_client() as client:
+        created = await client.read_flow_runs(flow_run_filter=since, limit=200)
+    ours = {str(run.id) for run in created if (run.idempotency_key or "").startswith("cli-")}
+    assert ours == set(run_ids)
 
 
 def test_a_helper_edited_while_serving_shows_within_a_second_or_two(

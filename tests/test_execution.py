@@ -197,7 +197,7 @@ async def test_hung_server_times_out_within_the_job_timeout(pages):
 
 async def test_hung_server_is_abandoned_for_a_peer_after_the_request_timeout(pages, runner_url):
     hung = ScriptedRunnerServer().always(200, "hang")
-    policy = RetryPolicy(max_attempts=1, backoff=0.01, request_timeout=0.3)
+    policy = RetryPolicy(max_attempts=1, backoff=0.01, request_timeout=1)
     with serve_app(hung) as base:
         run = executor(avail("hung", base), avail("good", runner_url), policy=policy)
         result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
@@ -207,7 +207,7 @@ async def test_hung_server_is_abandoned_for_a_peer_after_the_request_timeout(pag
 async def test_timed_out_server_is_left_for_a_peer_at_once_not_retried(pages, runner_url):
     # Retrying a silent server max_attempts times would outlast the job's timeout.
     hung = ScriptedRunnerServer().always(200, "hang")
-    policy = RetryPolicy(max_attempts=3, backoff=0.01, request_timeout=0.3)
+    policy = RetryPolicy(max_attempts=3, backoff=0.01, request_timeout=1)
     with serve_app(hung) as base:
         run = executor(avail("hung", base), avail("good", runner_url), policy=policy)
         result = await run.run(job(pages), "job-1", timeout=10, first=run.pool.available[0])
@@ -364,7 +364,8 @@ async def test_silent_only_server_is_retried_then_the_job_fails(pages):
 
 
 async def test_ejected_server_is_out_for_new_jobs_until_a_probe_brings_it_back(pages):
-    health = HealthChecker(ejection_seconds=0.2)
+    # Long enough that a loaded machine cannot outlast it before the first job looks.
+    health = HealthChecker(ejection_seconds=1)
     server = ScriptedRunnerServer().always(200, ts_results(("a", "pass"), ("b", "pass")))
     with serve_app(server) as base:
         only = avail("only", base)
@@ -375,7 +376,7 @@ async def test_ejected_server_is_out_for_new_jobs_until_a_probe_brings_it_back(p
             "no healthy runner server in region 'us-east-1' (only: cannot connect: refused)"
         )
         assert server.execute_calls == 0
-        await asyncio.sleep(0.25)  # the probe is due: the next job probes, then uses it
+        await asyncio.sleep(1.05)  # the probe is due: the next job probes, then uses it
         back = await executor(only, health=health).run(job(pages), "job-2", timeout=10)
     assert (back.state, back.server, back.attempts) == ("completed", "only", 1)
     assert not health.is_out("only")

@@ -141,7 +141,7 @@ async def test_ready_is_503_within_its_bound_when_prefect_hangs_and_the_list_sta
                 started = time.monotonic()
                 assert await _workflows_ready(client) == {name: False}
                 timings.append(time.monotonic() - started)
-            assert max(timings) < 0.5, timings
+            assert max(timings) < 2.5, timings  # not the 5 s a new Prefect answer takes
 
 
 async def test_prefect_going_away_makes_ready_503_at_once_and_back_200(

@@ -14,20 +14,23 @@ import subprocess
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from monitoring_helpers import run_suite, write_suite
+from monitoring_helpers import TogglePage, run_suite, write_suite
 from prefect.client.orchestration import get_client
 
-from helpers import CLI, serve_app
+from helpers import CLI, PAGES, serve_app
 from runners_orchestrator.api import OrchestratorConfig, create_app
 from runners_orchestrator.monitoring import check_key, load_suites
 from runners_orchestrator.monitoring.history import check_view
 from runners_orchestrator.monitoring.recording import Recorder, SuiteRules
 from runners_orchestrator.monitoring.store import HistoryStore, default_database_url
 from runners_orchestrator.settings import load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,41 +75,53 @@ async def test_two_recorders_record_a_run_once(orchestrate, use_runner, toggle_p
             assert view["lastRunId"] == run_id
 
 
-@pytest.fixture
-async def history_api(orchestrate, use_runner, toggle_page, tmp_path) -> dict[str, Any]:
-    """An API with a suite's history: three runs of two checks, the banner failing once."""
-    suite = f"api-{uuid.uuid4().hex[:8]}"  # the test server's database outlives the test
-    write_suite(tmp_path, suite, suite_text(toggle_page.url))
-    jobs = load_suites(tmp_path)[suite].parameters()["jobs"]
-    settings = load_settings(
-        tmp_path,
-        registry=json.loads(os.environ["ORCHESTRATOR_REGISTRY"]),
-        monitoring_poll_seconds=0.2,
-    )
-    app = create_app(OrchestratorConfig(settings=settings, project_root=tmp_path))
-    runs = []
-    with serve_app(app) as base:
-        for up in (True, False, True):
-            toggle_page.up() if up else toggle_page.down()
-            runs.append(await run_suite(orchestrate, suite, jobs))
-        banner = check_key(toggle_page.url, BANNER, "us-east-1")
-        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                response = await http.get(f"{PREFIX}/checks/{banner}")
-                if response.status_code == 200 and response.json()["runs"] == 3:
-                    break
-                assert time.monotonic() < deadline, response.text
-                await asyncio.sleep(0.2)
-            yield {
-                "http": http,
-                "base": base,
-                "banner": banner,
-                "title": check_key(toggle_page.url, TITLE, "us-east-1"),
-                "runs": runs,
-                "url": toggle_page.url,
-                "suite": suite,
-            }
+@pytest.fixture(scope="module")
+async def history_api(
+    orchestrate, runner_url, pages, tmp_path_factory
+) -> AsyncIterator[dict[str, Any]]:
+    """An API with a suite's history: three runs of two checks, the banner failing once.
+
+    One for the module: the tests that use it only read it (three orchestration runs and
+    their recording cost about 3.5 CPU-seconds, paid once instead of for each of 14 tests).
+    """
+    root = tmp_path_factory.mktemp("history-api")
+    suite = f"api-{uuid.uuid4().hex[:8]}"  # the test server's database outlives the module
+    page = TogglePage(pages)
+    registry = {
+        "servers": [{"id": "us-1", "url": f"{runner_url}/api/runner", "region": "us-east-1"}]
+    }
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ORCHESTRATOR_REGISTRY", json.dumps(registry))
+            write_suite(root, suite, suite_text(page.url))
+            jobs = load_suites(root)[suite].parameters()["jobs"]
+            settings = load_settings(root, registry=registry, monitoring_poll_seconds=0.2)
+            app = create_app(OrchestratorConfig(settings=settings, project_root=root))
+            runs = []
+            with serve_app(app) as base:
+                for up in (True, False, True):
+                    page.up() if up else page.down()
+                    runs.append(await run_suite(orchestrate, suite, jobs))
+                banner = check_key(page.url, BANNER, "us-east-1")
+                async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                    deadline = time.monotonic() + 60
+                    while True:
+                        response = await http.get(f"{PREFIX}/checks/{banner}")
+                        if response.status_code == 200 and response.json()["runs"] == 3:
+                            break
+                        assert time.monotonic() < deadline, response.text
+                        await asyncio.sleep(0.2)
+                    yield {
+                        "http": http,
+                        "base": base,
+                        "banner": banner,
+                        "title": check_key(page.url, TITLE, "us-east-1"),
+                        "runs": runs,
+                        "url": page.url,
+                        "suite": suite,
+                    }
+    finally:
+        PAGES.pop(page.path, None)
 
 
 async def test_checks_listing_filters_and_pages(history_api):

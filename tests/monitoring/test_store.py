@@ -258,3 +258,27 @@ async def test_two_stores_recording_one_run_at_once_record_it_once(store):
     assert view is not None
     assert view["runs"] == 3
     assert len([a for a in view["alerts"] if a["kind"] == "failing"]) == 2  # event + webhook
+
+
+async def test_a_view_read_while_results_are_recorded_is_one_state_of_the_store(store):
+    # Every result fails and none alerts (no suite): in any one state of the store the
+    # check's failures in a row equal its runs. A view read in two parts, with a recording
+    # committed in between, showed more runs than failures in a row.
+    recorded = 40
+    views: list[tuple[int, int]] = []
+
+    async def write() -> None:
+        await record(store, *(result("fail", i, suite=None) for i in range(recorded)))
+
+    async def read() -> None:
+        while len(views) < 2000:
+            view = await check_view(store, KEY, window=timedelta(days=3660))
+            if view is not None:
+                views.append((view["runs"], view["failuresInRow"]))
+                if view["runs"] == recorded:
+                    return
+            await asyncio.sleep(0)
+
+    await asyncio.gather(write(), read())
+    assert views, "no view was read while recording"
+    assert [(runs, fails) for runs, fails in views if runs != fails] == []

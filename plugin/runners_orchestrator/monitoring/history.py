@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,10 @@ from runners_orchestrator.monitoring.store import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from sqlalchemy import Row
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
     from runners_orchestrator.monitoring.store import HistoryStore
 
@@ -178,8 +182,24 @@ def _nearest_rank(ordered: list[int], share: float) -> int:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
+@asynccontextmanager
+async def _snapshot(store: HistoryStore) -> AsyncIterator[AsyncConnection]:
+    """A read connection whose queries all see one state of the store.
+
+    A check's view joins its state (failures in a row, alerting) with its results' counts:
+    read apart, a recording committed between the two showed four runs beside the
+    failures in a row of three. On SQLite the reader's ``BEGIN`` holds one snapshot from
+    its first read; PostgreSQL gives one only from REPEATABLE READ.
+    """
+    async with store.reader.connect() as opened:
+        if store.dialect == "postgresql":
+            yield await opened.execution_options(isolation_level="REPEATABLE READ")
+        else:
+            yield opened
+
+
 async def _stats(
-    store: HistoryStore, keys: list[str], since: datetime
+    connection: AsyncConnection, keys: list[str], since: datetime
 ) -> dict[str, dict[str, Any]]:
     """Runs, passes and nearest-rank p50/p95 duration per check, since ``since``.
 
@@ -196,13 +216,12 @@ async def _stats(
     runs: dict[str, int] = dict.fromkeys(keys, 0)
     passed: dict[str, int] = dict.fromkeys(keys, 0)
     durations: dict[str, list[int]] = {key: [] for key in keys}
-    async with store.reader.connect() as connection:
-        for key, status, duration in await connection.execute(query):
-            runs[key] += 1
-            if status == "pass":
-                passed[key] += 1
-            if duration is not None:
-                durations[key].append(duration)
+    for key, status, duration in await connection.execute(query):
+        runs[key] += 1
+        if status == "pass":
+            passed[key] += 1
+        if duration is not None:
+            durations[key].append(duration)
     out: dict[str, dict[str, Any]] = {}
     for key in keys:
         ordered = sorted(durations[key])
@@ -246,12 +265,12 @@ async def list_checks(
         .limit(limit)
         .offset(offset)
     )
-    async with store.reader.connect() as connection:
+    async with _snapshot(store) as connection:
         rows = (await connection.execute(query)).all()
         total = await connection.scalar(
             select(func.count()).select_from(checks_table).where(*conditions)
         )
-    stats = await _stats(store, [row.key for row in rows], datetime.now(UTC) - window)
+        stats = await _stats(connection, [row.key for row in rows], datetime.now(UTC) - window)
     return [_summary(row, stats[row.key], window) for row in rows], int(total or 0)
 
 
@@ -264,7 +283,7 @@ async def check_exists(store: HistoryStore, key: str) -> bool:
 
 async def check_view(store: HistoryStore, key: str, *, window: timedelta) -> dict[str, Any] | None:
     """One check's summary with its recent alerts and their delivery; ``None`` if unknown."""
-    async with store.reader.connect() as connection:
+    async with _snapshot(store) as connection:
         row = (
             await connection.execute(select(checks_table).where(checks_table.c.key == key))
         ).first()
@@ -278,7 +297,7 @@ async def check_view(store: HistoryStore, key: str, *, window: timedelta) -> dic
                 .limit(ALERTS_SHOWN)
             )
         ).all()
-    stats = await _stats(store, [key], datetime.now(UTC) - window)
+        stats = await _stats(connection, [key], datetime.now(UTC) - window)
     view = _summary(row, stats[key], window)
     view["alerts"] = [
         {

@@ -99,7 +99,9 @@ async def poll(client: httpx.AsyncClient, url: str, timeout: float = 60) -> http
 
 @pytest.fixture
 async def api(stack) -> Any:
-    async with httpx.AsyncClient(base_url=stack["api"], timeout=30) as client:
+    # Longer than the API's own 30 s of retries against a locked SQLite (its
+    # `prefect_retry_seconds`), so that the API's answer arrives, not the client's timeout.
+    async with httpx.AsyncClient(base_url=stack["api"], timeout=60) as client:
         yield client
 
 

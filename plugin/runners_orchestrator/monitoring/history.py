@@ -187,8 +187,8 @@ async def _snapshot(store: HistoryStore) -> AsyncIterator[AsyncConnection]:
     """A read connection whose queries all see one state of the store.
 
     A check's view joins its state (failures in a row, alerting) with its results' counts:
-    read apart, a recording committed between the two showed four runs beside the
-    failures in a row of three. On SQLite the reader's ``BEGIN`` holds one snapshot from
+    read apart, a recording committed between the two showed four runs but two failures
+    in a row where the store held three. On SQLite the reader's ``BEGIN`` holds one snapshot from
     its first read; PostgreSQL gives one only from REPEATABLE READ.
     """
     async with store.reader.connect() as opened:

@@ -16,7 +16,7 @@ result readable, p50/p95), and the CPU-seconds the stack's processes used per jo
 Prefect server's on its own), read from /proc.
 
 Usage: python bench/end_to_end.py [--jobs 20 50] [--delay 1] [--window 20] [--rounds 3]
-       [--instant 20] [--task-per-job-limit N]
+       [--instant 20] [--task-per-job-limit N] [--start fork|spawn|in-process]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import httpx
 from dev_ready import free_port, launch_dev, runner_ports  # bench/ is the script's folder
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 ROOT = Path(__file__).parents[1]
 PREFIX = "/api/orchestrator"
@@ -111,7 +111,7 @@ class Stack:
 
 
 def start_stack(
-    state: str, settings: dict[str, str] | None = None
+    state: str, settings: dict[str, str] | None = None, options: Sequence[str] = ()
 ) -> tuple[Stack, subprocess.Popen[str]]:
     page_port, api_port, prefect_port, runner_port = (
         free_port(),
@@ -125,7 +125,12 @@ def start_stack(
         text=True,
     )
     process = launch_dev(
-        state, (api_port, prefect_port, runner_port), "--runner-engine", "http", settings=settings
+        state,
+        (api_port, prefect_port, runner_port),
+        "--runner-engine",
+        "http",
+        *options,
+        settings=settings,
     )
     ready = threading.Event()
 
@@ -152,10 +157,12 @@ def start_stack(
 
 
 @contextlib.contextmanager
-def running_stack(prefix: str, settings: dict[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(
+    prefix: str, settings: dict[str, str] | None = None, options: Sequence[str] = ()
+) -> Iterator[Stack]:
     """:func:`start_stack` on a new state folder; stopped (its whole session) on the way out."""
     with tempfile.TemporaryDirectory(prefix=prefix) as state:
-        stack, pages = start_stack(state, settings)
+        stack, pages = start_stack(state, settings, options)
         try:
             yield stack
         finally:
@@ -278,11 +285,18 @@ def main() -> None:
         default=None,
         help="ORCHESTRATOR_TASK_PER_JOB_LIMIT for the stack (default: the setting's default)",
     )
+    parser.add_argument(
+        "--start",
+        choices=("fork", "spawn", "in-process"),
+        default=None,
+        help="dev --start: how a run starts (default: dev's own, in-process)",
+    )
     args = parser.parse_args()
     settings = {}
     if args.task_per_job_limit is not None:
         settings["ORCHESTRATOR_TASK_PER_JOB_LIMIT"] = str(args.task_per_job_limit)
-    with running_stack("end-to-end-", settings) as stack:
+    options = ("--start", args.start) if args.start else ()
+    with running_stack("end-to-end-", settings, options) as stack:
         asyncio.run(bench(stack, args))
 
 

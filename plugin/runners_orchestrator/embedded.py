@@ -228,6 +228,10 @@ class DevStack:
     """Where the embedded Prefect server keeps its SQLite database; ``.state`` by default."""
     runner_engine: str = "auto"
     """The runner servers' engine: ``browser``, ``http``, or ``auto`` (browser if possible)."""
+    run_start: str = "in-process"
+    """How ``serve-flows`` starts a run (``serving.START_METHODS``): on a thread of the
+    serving process by default here, where a run's time to its result is what one waits for
+    while developing; ``fork`` gives each run a process of its own."""
     out: Callable[[str], None] = print
     children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -401,7 +405,8 @@ class DevStack:
             timeout,
             self._dead,
         )
-        self._start("flows", self._cli("serve-flows", "--reload", "--log-level", level), env)
+        flows_args = ("serve-flows", "--reload", "--start", self.run_start, "--log-level", level)
+        self._start("flows", self._cli(*flows_args), env)
         serve_args = ("serve", "--host", self.host, "--port", str(self.port), "--log-level", level)
         self._start("api", self._cli(*serve_args, "--wait-for-deployments", str(timeout)), env)
         for offset, _region in enumerate(regions):

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect.runner import Runner
 
@@ -37,6 +37,7 @@ from runners_orchestrator.crash_detection import enable_heartbeats, ensure_crash
 from runners_orchestrator.deployments import GENERATED_TAG
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
+from runners_orchestrator.in_process import use_in_process_runs
 from runners_orchestrator.run_process import use_forkserver
 from runners_orchestrator.wake import wake_on_new_runs
 
@@ -47,7 +48,18 @@ if TYPE_CHECKING:
 
     from runners_orchestrator.discovery import Discovery
 
-__all__ = ["DEFAULT_QUERY_SECONDS", "serve_flows", "serve_with_reload", "watched_paths"]
+__all__ = [
+    "DEFAULT_QUERY_SECONDS",
+    "START_METHODS",
+    "StartMethod",
+    "serve_flows",
+    "serve_with_reload",
+    "watched_paths",
+]
+
+StartMethod = Literal["fork", "spawn", "in-process"]
+START_METHODS: tuple[StartMethod, ...] = ("fork", "spawn", "in-process")
+"""How a served run starts (``serve-flows --start``); see :func:`serve_flows`."""
 
 DEFAULT_QUERY_SECONDS = 1.0
 logger = logging.getLogger("runners_orchestrator.serving")
@@ -62,14 +74,15 @@ async def serve_flows(
     *,
     query_seconds: float = DEFAULT_QUERY_SECONDS,
     limit: int | None = None,
-    forkserver: bool = True,
+    start: StartMethod = "fork",
     register: Callable[[Runner], Awaitable[object]] | None = None,
     wake: bool = True,
 ) -> None:
     """Register every workflow's deployment and run their flow runs until cancelled.
 
-    With ``forkserver`` (the default), each run's process is forked from a warm fork
-    server instead of spawned cold; ``False`` keeps Prefect's own ``spawn``.
+    ``start`` is how a run starts: ``fork`` (the default), its process forked from a warm
+    fork server (``run_process``); ``spawn``, Prefect's own cold process; ``in-process``,
+    an ``async`` flow's run on a thread of this process (``in_process``).
     ``register`` adds more deployments to the runner before it starts (the check
     suites' scheduled deployments, from ``monitoring``). With ``wake`` (the default), a
     new run is picked up when Prefect announces it, not at the next poll (``wake``).
@@ -78,8 +91,9 @@ async def serve_flows(
     # and the project importable (runs' processes unpickle flows that import the project).
     enable_heartbeats()
     make_importable(discovery.root)
-    if forkserver:
-        use_forkserver()
+    sync_flows = any(not w.flow.isasync for w in discovery.workflows.values())
+    if start == "fork" or (start == "in-process" and sync_flows):
+        use_forkserver()  # every run's process, or a sync flow's beside in-process runs
     try:
         await ensure_crash_detection()
     except ConfigurationError:
@@ -94,6 +108,8 @@ async def serve_flows(
     # checked: as Prefect suggests for such subprocesses, their clients skip the version
     # handshake (one request before each run starts). An operator's own choice stands.
     os.environ.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
+    if start == "in-process":
+        use_in_process_runs()  # its runs' settings are read from the environment, now final
     runner = Runner(
         name=f"runners-orchestrator-{os.getpid()}",
         query_seconds=query_seconds,

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["add_commands"]
 
+START_METHODS = ("fork", "spawn", "in-process")
+"""``serving.START_METHODS``, without importing Prefect to build the parser."""
+
 
 def _uvicorn(app: Any, args: argparse.Namespace) -> None:
     import uvicorn  # noqa: PLC0415 - only the serving commands need it
@@ -161,7 +164,7 @@ def _serve_flows(args: argparse.Namespace) -> int:
                 discovery,
                 query_seconds=args.poll,
                 limit=args.limit,
-                forkserver=args.start == "fork",
+                start=args.start,
                 register=_suite_registrar(discovery),
                 wake=args.wake,
             )
@@ -218,6 +221,7 @@ def _dev(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         runner_engine=args.runner_engine,
+        run_start=args.start,
     )
     try:
         return stack.run()
@@ -311,6 +315,12 @@ def add_commands(commands: Any) -> None:
         help="the runner servers' engine; auto: browser when a Chromium is found, else http "
         "(default: %(default)s)",
     )
+    dev.add_argument(
+        "--start",
+        choices=START_METHODS,
+        default="in-process",
+        help="how serve-flows starts a run: see `serve-flows --help` (default: %(default)s)",
+    )
     add_log_level(dev)
     dev.set_defaults(handler=_dev)
 
@@ -356,10 +366,11 @@ def add_commands(commands: Any) -> None:
     )
     serve_flows.add_argument(
         "--start",
-        choices=("fork", "spawn"),
+        choices=START_METHODS,
         default="fork",
-        help="how a run's process starts: forked from a warm server (fast) or spawned "
-        "cold as Prefect does (default: %(default)s)",
+        help="how a run starts: its process forked from a warm server (fast), spawned "
+        "cold as Prefect does, or an async flow's run on a thread of this process "
+        "(fastest; a crash takes the other runs along) (default: %(default)s)",
     )
     serve_flows.add_argument(
         "--reload", action="store_true", help="restart when a workflow file changes"

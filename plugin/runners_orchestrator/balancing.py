@@ -20,6 +20,7 @@ or an import path (``mypackage.balancers:Fastest``); see ``docs/configuration.md
 from __future__ import annotations
 
 import random
+import threading
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,12 +50,19 @@ __all__ = [
 BALANCER_ENTRY_POINTS = "runners_orchestrator.load_balancers"
 
 
+_COUNTS_LOCK = threading.Lock()
+
+
 @dataclass
 class LocalLoad:
     """Requests this process has in flight, per server id.
 
     One per process (:data:`LOCAL_LOAD`): every flow run and task in the process shares it,
-    which is what "the requests this process has in flight" means.
+    which is what "the requests this process has in flight" means. Runs and tasks count
+    from threads of their own (``serve-flows --start in-process`` keeps one process for
+    all its runs), so a count changes under a lock: a lost update would skew the balance
+    for the rest of the process's life. The lock is the module's, not an attribute: a run's
+    flow is pickled for its process with what it references, and a lock cannot be.
     """
 
     _counts: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -64,16 +72,19 @@ class LocalLoad:
 
     def snapshot(self) -> dict[str, int]:
         """A copy of the counts."""
-        return dict(self._counts)
+        with _COUNTS_LOCK:
+            return dict(self._counts)
 
     @contextmanager
     def track(self, server_id: str) -> Iterator[None]:
         """Count one request to ``server_id`` while the block runs."""
-        self._counts[server_id] += 1
+        with _COUNTS_LOCK:
+            self._counts[server_id] += 1
         try:
             yield
         finally:
-            self._counts[server_id] -= 1
+            with _COUNTS_LOCK:
+                self._counts[server_id] -= 1
 
 
 LOCAL_LOAD = LocalLoad()

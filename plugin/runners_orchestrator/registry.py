@@ -14,8 +14,9 @@ process, so every job of every run sees it:
   server that is not confirmed takes one job at a time, a trial: a silent server costs one
   job its ``connect_timeout``, not one per job in flight.
 
-Ejection state is per process: every flow process learns on its own, which costs at most
-one failed probe or trial per server per process.
+Ejection state is per process, which costs at most one failed probe or trial per server per
+process: with ``serve-flows --start in-process`` (``dev``'s default) every run of the serving
+process shares what one learned; with a process per run, each run learns on its own.
 
 It also learns **which runners each server has**, from its ``GET /info``, so that a job goes
 only to servers that have every runner it names (see ``docs/runner-server.md``, *Routing by

@@ -158,6 +158,30 @@ def test_a_start_sent_the_moment_the_api_first_answers_is_accepted(dev):
     assert dev["first_start"]["status"] == 202, dev["first_start"]
 
 
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # gone meanwhile
+        return ""
+
+
+def test_dev_runs_each_flow_run_on_a_thread_of_its_serving_process(dev, pages):
+    """`dev`'s default is `serve-flows --start in-process`: no run gets a process."""
+    job = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
+    started = httpx.post(f"{dev['api']}{PREFIX}/executeSingleRunner", json={"job": job})
+    assert started.status_code == 202
+    status_url = f"{dev['api']}{started.json()['statusUrl']}"
+    deadline = time.monotonic() + 60
+    while httpx.get(status_url).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    commands = [command_line(pid) for pid in descendants(dev["process"].pid)]
+    serving = [c for c in commands if "serve-flows" in c and "--reload" not in c]
+    assert serving, commands
+    assert "in-process" in serving[0]
+    assert not [c for c in commands if "forkserver" in c], commands  # no run's process
+
+
 def test_ready_banner_and_every_url_answers(dev):
     ports = dev["ports"]
     api = dev["api"]

@@ -75,7 +75,14 @@ if TYPE_CHECKING:
     from runners_orchestrator.registry import AvailableServer, HealthChecker, ServerPool
     from runners_orchestrator.settings import OrchestratorSettings
 
-__all__ = ["JOB_FAULT_CODES", "RUNNER_NOT_FOUND", "JobExecutor", "RetryPolicy", "runner_client"]
+__all__ = [
+    "JOB_FAULT_CODES",
+    "RUNNER_NOT_FOUND",
+    "JobExecutor",
+    "RetryPolicy",
+    "close_runner_client",
+    "runner_client",
+]
 
 RUNNER_NOT_FOUND = "RUNNER_NOT_FOUND"
 """The error code of a job whose runners no healthy server of its region has."""
@@ -108,6 +115,19 @@ def runner_client() -> httpx.AsyncClient:
         )
         _clients[loop] = client
     return client
+
+
+async def close_runner_client() -> None:
+    """Close this event loop's runner client, if it has one: its loop is about to end.
+
+    A run's own process closed its connections by exiting; a run on a thread of the serving
+    process (``in_process``) ends its loop instead, and the connections of a client left
+    open there would stay open until the garbage collector found them (two file
+    descriptors per run, measured).
+    """
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
 
 
 @dataclass(frozen=True)

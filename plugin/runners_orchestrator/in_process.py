@@ -27,6 +27,7 @@ What a process gave and what stands in for it here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -42,6 +43,8 @@ from prefect.exceptions import Abort, Pause
 from prefect.runner._process_manager import ProcessHandle
 from prefect.runner._starter_direct import DirectSubprocessStarter
 from prefect.settings import Settings
+
+from runners_orchestrator.execution import close_runner_client
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -135,6 +138,9 @@ class InProcessRun:
                 self.returncode = 1
                 return
             # A cancelled run's state is the runner's to record, as for a process it stopped.
+        finally:
+            with contextlib.suppress(Exception):
+                await close_runner_client()  # its connections end with the run's loop
         self.returncode = 0
 
     # Prefect's ProcessTerminationScope: how the runner stops this "process".

@@ -3,7 +3,7 @@
 Prefect's runner starts every run of a served deployment in a process of its own; even
 forked warm (``run_process``), that process then builds its settings, its Prefect client,
 its events and logs connections before the flow's first step. ``serve-flows --start
-in-process`` (``dev``'s default) runs each run of an ``async`` workflow on a thread of
+in-process`` (``dev --start in-process`` too) runs each run of an ``async`` workflow on a thread of
 its own in the serving process instead, through Prefect's own flow engine: a run skips
 its process's start-up, a tenth of a second of a small run (``docs/benchmarks.md``).
 
@@ -16,10 +16,13 @@ What a process gave and what stands in for it here:
 - **a run that blocks**: each run has its own thread and event loop, so a flow that blocks
   its loop delays only itself. A *sync* flow cannot be interrupted on a thread, so its
   runs still get a process (forked warm, as with ``--start fork``).
-- **a run that brings the process down** (a native crash, ``os._exit``) takes the other
-  runs of this process with it: the crash-detection automation marks them ``Crashed``
-  once their heartbeats stop (``crash_detection``), and ``--reload`` serves again. This is
-  the containment traded for speed, and why ``serve-flows`` keeps ``fork`` as its default.
+- **a run that brings the process down** (a native crash, ``os._exit``, the OOM killer)
+  takes the other runs of this process with it, where runs in processes of their own
+  would outlive it and finish. Against a Prefect server that runs automations, the
+  crash-detection automation marks them ``Crashed`` once their heartbeats stop
+  (``crash_detection``); the embedded server of ``dev`` runs none, so there they would
+  stay ``Running``. This is the containment traded for speed, and why ``fork`` stays the
+  default of ``serve-flows`` and ``dev``.
 - **module state**: runs share the serving process's imported modules; a workflow that
   keeps state in module globals sees other runs' state (each process started clean).
 """

@@ -15,7 +15,7 @@ process, so every job of every run sees it:
   job its ``connect_timeout``, not one per job in flight.
 
 Ejection state is per process, which costs at most one failed probe or trial per server per
-process: with ``serve-flows --start in-process`` (``dev``'s default) every run of the serving
+process: with ``serve-flows --start in-process`` every run of the serving
 process shares what one learned; with a process per run, each run learns on its own.
 
 It also learns **which runners each server has**, from its ``GET /info``, so that a job goes

@@ -1,6 +1,6 @@
 """A served run on a thread of the serving process: what a process gave, still given.
 
-With ``--start in-process`` (``dev``'s default, ``runners_orchestrator.in_process``) an
+With ``--start in-process`` (``runners_orchestrator.in_process``) an
 async flow's run is a thread of the serving process instead of a process of its own.
 Checked with a real `serve-flows` and a real Prefect server: the run gets the settings a
 process would have had, a cancel from outside ends it ``Cancelled`` and stops its task,

@@ -318,7 +318,7 @@ def add_commands(commands: Any) -> None:
     dev.add_argument(
         "--start",
         choices=START_METHODS,
-        default="in-process",
+        default="fork",
         help="how serve-flows starts a run: see `serve-flows --help` (default: %(default)s)",
     )
     add_log_level(dev)

@@ -169,15 +169,21 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def run_to_its_end(api: str, job: dict[str, object]) -> None:
-    started = httpx.post(f"{api}{PREFIX}/executeSingleRunner", json={"job": job})
-    assert started.status_code == 202
+def result_of(api: str, name: str, body: dict[str, object]) -> httpx.Response:
+    """Start ``name`` with ``body`` and poll its status URL until the run has ended."""
+    started = httpx.post(f"{api}{PREFIX}/{name}", json=body)
+    assert started.status_code == 202, started.text
     status_url = f"{api}{started.json()['statusUrl']}"
     deadline = time.monotonic() + 60
-    while (status := httpx.get(status_url)).status_code == 202:
+    while (done := httpx.get(status_url)).status_code == 202:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert status.json()["state"] == "completed", status.json()
+    return done
+
+
+def run_to_its_end(api: str, job: dict[str, object]) -> None:
+    done = result_of(api, "executeSingleRunner", {"job": job})
+    assert done.json()["state"] == "completed", done.json()
 
 
 def test_dev_start_in_process_runs_each_flow_run_on_a_thread_of_its_serving_process(dev, pages):
@@ -235,13 +241,7 @@ def test_seed_curl_sequence_and_a_burst_of_starts(dev, pages):
             "region": "eu-west-1",
         },
     ]
-    started = httpx.post(f"{api}{PREFIX}/orchestrateRunners", json={"jobs": jobs})
-    assert started.status_code == 202
-    status_url = f"{api}{started.json()['statusUrl']}"
-    deadline = time.monotonic() + 60
-    while (done := httpx.get(status_url)).status_code == 202:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    done = result_of(api, "orchestrateRunners", {"jobs": jobs})
     assert done.status_code == 200
     assert done.json()["summary"] == {
         "total": 3,

@@ -3,9 +3,9 @@
 Prefect's runner starts every run of a served deployment in a process of its own; even
 forked warm (``run_process``), that process then builds its settings, its Prefect client,
 its events and logs connections before the flow's first step. ``serve-flows --start
-in-process`` (``dev --start in-process`` too) runs each run of an ``async`` workflow on a thread of
-its own in the serving process instead, through Prefect's own flow engine: a run skips
-its process's start-up, a tenth of a second of a small run (``docs/benchmarks.md``).
+in-process`` (and ``dev --start in-process``) runs each run of an ``async`` workflow on a
+thread of its own in the serving process instead, through Prefect's own flow engine: a run
+skips its process's start-up, a tenth of a second of a small run (``docs/benchmarks.md``).
 
 What a process gave and what stands in for it here:
 

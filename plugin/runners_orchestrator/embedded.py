@@ -229,7 +229,7 @@ class DevStack:
     runner_engine: str = "auto"
     """The runner servers' engine: ``browser``, ``http``, or ``auto`` (browser if possible)."""
     run_start: str = "fork"
-    """How ``serve-flows`` starts a run (``serving.START_METHODS``). ``fork`` by default:
+    """How ``serve-flows`` starts a run (``serving.StartMethod``). ``fork`` by default:
     the embedded Prefect server runs no automations, so nothing would mark the runs of a
     serving process that died; with a process each, they outlive it and finish."""
     out: Callable[[str], None] = print

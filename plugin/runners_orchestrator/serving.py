@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_QUERY_SECONDS",
-    "START_METHODS",
     "StartMethod",
     "serve_flows",
     "serve_with_reload",
@@ -58,7 +57,6 @@ __all__ = [
 ]
 
 StartMethod = Literal["fork", "spawn", "in-process"]
-START_METHODS: tuple[StartMethod, ...] = ("fork", "spawn", "in-process")
 """How a served run starts (``serve-flows --start``); see :func:`serve_flows`."""
 
 DEFAULT_QUERY_SECONDS = 1.0

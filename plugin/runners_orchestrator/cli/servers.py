@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["add_commands"]
 
 START_METHODS = ("fork", "spawn", "in-process")
-"""``serving.START_METHODS``, without importing Prefect to build the parser."""
+"""``serving.StartMethod``'s values, without importing Prefect to build the parser."""
 
 
 def _uvicorn(app: Any, args: argparse.Namespace) -> None:

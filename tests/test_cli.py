@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -85,6 +87,26 @@ def test_port_in_use_is_one_line_naming_the_flag():
         f"runners-orchestrator: error: port {port} on 127.0.0.1 is already in use; "
         "choose another with --port"
     )
+
+
+def test_an_idle_connection_outlives_uvicorns_five_seconds(cli_runner_server):
+    """A load balancer reusing an idle connection must not meet one the server is closing.
+
+    uvicorn's default closes idle connections after 5 s, inside HAProxy's idle pool; the
+    served commands keep them 75 s (``--keep-alive``). ``http.client`` does not reconnect
+    behind the test's back (httpx would): a closed connection is ``RemoteDisconnected``.
+    """
+    host, port = cli_runner_server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for pause in (0, 6):
+            time.sleep(pause)
+            connection.request("GET", "/api/runner/health")
+            response = connection.getresponse()
+            assert response.status == httpx.codes.OK, pause
+            assert response.read()
+    finally:
+        connection.close()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -59,3 +60,60 @@ async def test_start_gives_up_after_its_budget_with_the_reason():
             with pytest.raises(RunStartError, match="HTTP 503: no deployment"):
                 await backend.start("orchestrate_runners", {"jobs": []})
     assert 2 <= len(api.keys) <= 8  # bounded: about 1 s of 0.2 s waits
+
+
+class DroppingApi:
+    """Answers on keep-alive connections, but closes one unanswered after a first answer.
+
+    What HAProxy does when it reused an idle backend connection that was closing: the
+    client's connection is closed without a response, for the client to retry. Raw asyncio
+    streams, because an ASGI server cannot be told to drop a request.
+    """
+
+    LIST = b'{"workflows": []}'
+    STARTED = b'{"runId": "5d0c7bb8-7ad4-4d1b-a8a5-8b2d0f3ad1c1"}'
+
+    def __init__(self, drop: int) -> None:
+        self.drop = drop
+        self.requests: list[tuple[str, str | None]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                fields = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+                await reader.readexactly(int(fields.get("content-length", "0")))
+                method = lines[0].split()[0]
+                self.requests.append((method, fields.get("idempotency-key")))
+                if len(self.requests) == self.drop:
+                    break
+                started = method == "POST"
+                status, body = ("202 Accepted", self.STARTED) if started else ("200 OK", self.LIST)
+                writer.write(
+                    f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("drop", [2, 3])
+async def test_a_request_closed_unanswered_is_sent_once_more_with_its_key(drop):
+    api = DroppingApi(drop)
+    server = await asyncio.start_server(api.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        backend = ApiBackend(http, "/api/orchestrator")
+        assert await backend.workflows() == {}
+        run_id = await backend.start("orchestrate_runners", {"jobs": []})
+        if drop == 3:  # the start was answered; the next list is the one dropped
+            assert await backend.workflows() == {}
+    assert run_id == "5d0c7bb8-7ad4-4d1b-a8a5-8b2d0f3ad1c1"
+    assert len(api.requests) == (4 if drop == 3 else 3)
+    started = [key for method, key in api.requests if method == "POST"]
+    assert started[0] is not None
+    assert len(set(started)) == 1  # the same key: a second start can never be a second run

@@ -47,8 +47,13 @@ WORKER_QUERY_SECONDS = 1
 HAPROXY_TEMPLATE = """\
 global
     maxconn 4096
+    log stdout format raw local0
 defaults
     mode http
+    # Only what went wrong (errors, retries, redispatches) reaches the process's log.
+    log global
+    option httplog
+    option dontlog-normal
     timeout connect 2s
     timeout client 120s
     timeout server 120s
@@ -214,6 +219,7 @@ class ScaledTopology:
             "PREFECT_REDIS_MESSAGING_DB": str(self.redis_db),
             "PREFECT_SERVER_DOCKET_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_KEEPALIVE_TIMEOUT": "75",
             "PREFECT_HOME": str(self.workdir / "prefect-home"),
         }
 

@@ -35,6 +35,9 @@ __all__ = ["ApiBackend", "Backend", "PrefectBackend", "RunStartError", "RunState
 TRANSIENT = frozenset({502, 503, 504})
 """Answers that a poller, and a start, wait out."""
 
+UNANSWERED = (httpx.RemoteProtocolError, httpx.ReadError)
+"""A connection closed (or reset) after the request went out, before any answer."""
+
 START_WAIT_SECONDS = 60.0
 """How long a start waits out an API that is not ready yet before giving up."""
 
@@ -107,10 +110,19 @@ class ApiBackend:
     async def _request(
         self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
     ) -> httpx.Response:
+        """Send once, and once more at once if the connection closed without an answer.
+
+        A load balancer (HAProxy) that reused an idle connection its backend was closing at
+        that moment closes the client's connection unanswered, on purpose, for the client to
+        retry. Every request here may be sent twice: GETs read, and a start carries its
+        ``Idempotency-Key``.
+        """
+        headers = {**self.headers, **(headers or {})}
         try:
-            return await self.client.request(
-                method, path, headers={**self.headers, **(headers or {})}, **kwargs
-            )
+            try:
+                return await self.client.request(method, path, headers=headers, **kwargs)
+            except UNANSWERED:
+                return await self.client.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as exc:
             raise PrefectUnavailableError(
                 f"the orchestrator API at {self.client.base_url} does not answer: {exc}"

@@ -37,6 +37,15 @@ __all__ = ["add_commands"]
 START_METHODS = ("fork", "spawn", "in-process")
 """``serving.StartMethod``'s values, without importing Prefect to build the parser."""
 
+KEEP_ALIVE_SECONDS = 75
+"""How long ``serve`` and ``runner-server`` keep an idle connection open (nginx's default).
+
+Above the idle timeout of the load balancers put in front (AWS ALB: 60 s): a proxy that
+reuses an idle connection its server is closing at that moment gets no answer, and HAProxy
+then closes the client's connection without one, leaving the retry to the client. uvicorn's
+own default of 5 s is shorter than HAProxy's idle connection pool keeps them.
+"""
+
 
 def _uvicorn(app: Any, args: argparse.Namespace) -> None:
     import uvicorn  # noqa: PLC0415 - only the serving commands need it
@@ -48,6 +57,18 @@ def _uvicorn(app: Any, args: argparse.Namespace) -> None:
         log_level=args.log_level,
         access_log=args.log_level == "debug",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=args.keep_alive,
+    )
+
+
+def _add_keep_alive(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-alive",
+        type=positive_int,
+        default=KEEP_ALIVE_SECONDS,
+        metavar="SECONDS",
+        help="seconds an idle connection stays open; keep it above the idle timeout of a "
+        "load balancer in front (default: %(default)s)",
     )
 
 
@@ -282,6 +303,7 @@ def add_commands(commands: Any) -> None:
         metavar="RANGE",
         help="allow targets in this range even when a denied range contains them; repeatable",
     )
+    _add_keep_alive(runner)
     add_log_level(runner)
     runner.set_defaults(handler=_runner_server)
 
@@ -339,6 +361,7 @@ def add_commands(commands: Any) -> None:
         help="listen only once every workflow's deployment exists, waiting at most this long "
         "(what `dev` uses, so that the API answering means every run can start)",
     )
+    _add_keep_alive(serve)
     add_log_level(serve)
     serve.set_defaults(handler=_serve)
 

@@ -228,10 +228,11 @@ class DevStack:
     """Where the embedded Prefect server keeps its SQLite database; ``.state`` by default."""
     runner_engine: str = "auto"
     """The runner servers' engine: ``browser``, ``http``, or ``auto`` (browser if possible)."""
-    run_start: str = "fork"
-    """How ``serve-flows`` starts a run (``serving.StartMethod``). ``fork`` by default:
-    the embedded Prefect server runs no automations, so nothing would mark the runs of a
-    serving process that died; with a process each, they outlive it and finish."""
+    run_start: str = "in-process"
+    """How ``serve-flows`` starts a run (``serving.StartMethod``). ``in-process`` by
+    default: a run's time to its result is what a developer waits for, and the runs of a
+    serving process that dies are marked ``Crashed`` by its ``--reload`` supervisor
+    (``orphans``); ``fork`` gives each run a process that would outlive it and finish."""
     out: Callable[[str], None] = print
     children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)

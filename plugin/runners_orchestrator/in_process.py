@@ -18,11 +18,11 @@ What a process gave and what stands in for it here:
   runs still get a process (forked warm, as with ``--start fork``).
 - **a run that brings the process down** (a native crash, ``os._exit``, the OOM killer)
   takes the other runs of this process with it, where runs in processes of their own
-  would outlive it and finish. Against a Prefect server that runs automations, the
-  crash-detection automation marks them ``Crashed`` once their heartbeats stop
-  (``crash_detection``); the embedded server of ``dev`` runs none, so there they would
-  stay ``Running``. This is the containment traded for speed, and why ``fork`` stays the
-  default of ``serve-flows`` and ``dev``.
+  would outlive it and finish. They are marked ``Crashed``: at once by the supervisor of
+  ``serve-flows --reload`` (``orphans``; what ``dev`` runs), or once their heartbeats stop
+  by the crash-detection automation (``crash_detection``) of a Prefect server that runs
+  automations. This is the containment traded for speed, and why ``fork`` stays the
+  default of ``serve-flows``.
 - **module state**: runs share the serving process's imported modules; a workflow that
   keeps state in module globals sees other runs' state (each process started clean).
 """
@@ -36,6 +36,7 @@ import inspect
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -48,6 +49,7 @@ from prefect.runner._starter_direct import DirectSubprocessStarter
 from prefect.settings import Settings
 
 from runners_orchestrator.execution import close_runner_client
+from runners_orchestrator.orphans import RunLedger
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -91,6 +93,7 @@ class InProcessRun:
         self.cancelled = False
         self._flow = starter._flow  # noqa: SLF001 - the starter's own flow
         self._flow_run = flow_run
+        self._ledger = _config().ledger
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._thread = threading.Thread(
@@ -101,6 +104,8 @@ class InProcessRun:
 
     def start(self) -> None:
         """Start the run's thread (its own event loop, Prefect's flow engine on it)."""
+        if self._ledger is not None:
+            self._ledger.add(self._flow_run.id)  # until it ends: see ``orphans``
         self._thread.start()
 
     async def wait(self) -> None:
@@ -115,6 +120,11 @@ class InProcessRun:
         finally:
             if self.returncode is None:
                 self.returncode = 1
+            if self._ledger is not None and not self.cancelled:
+                # Its end is recorded (the engine's last write, or the runner's for an exit
+                # code of 1). A cancelled run's state is the runner's to write after this
+                # point, so it stays listed; Prefect refuses Crashed once it is Cancelled.
+                self._ledger.remove(self._flow_run.id)
             self._runner_loop.call_soon_threadsafe(self._exited.set)
 
     async def _main(self) -> None:
@@ -125,7 +135,8 @@ class InProcessRun:
             self.returncode = 0
             return
         try:
-            with SettingsContext(profile=_settings().profile, settings=_settings().settings):
+            settings = _config().settings
+            with SettingsContext(profile=settings.profile, settings=settings.settings):
                 # Prefect's engine reports every outcome (Completed, Failed, Crashed) itself;
                 # `run_flow` reads the parameters from the flow run, as in a run's process.
                 running = prefect.flow_engine.run_flow(
@@ -185,11 +196,20 @@ class InProcessStarter(DirectSubprocessStarter):
             raise
 
 
-_SETTINGS: list[SettingsContext] = []
+@dataclass(frozen=True)
+class _Config:
+    settings: SettingsContext
+    """What a run's process would have read from the environment at its start."""
+    ledger: RunLedger | None
+    """Where a supervisor (``serve-flows --reload``) follows the runs, if one does."""
 
 
-def _settings() -> SettingsContext:
-    return _SETTINGS[0]
+_CONFIG: list[_Config] = []
+"""Set once, by :func:`use_in_process_runs`."""
+
+
+def _config() -> _Config:
+    return _CONFIG[0]
 
 
 def use_in_process_runs() -> None:
@@ -204,6 +224,7 @@ def use_in_process_runs() -> None:
     # The runner, not the engine, owns a cancelled run's state and hooks (as for a process).
     os.environ["PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS"] = "false"
     current = get_settings_context()
-    _SETTINGS[:] = [SettingsContext(profile=current.profile, settings=Settings())]
+    settings = SettingsContext(profile=current.profile, settings=Settings())
+    _CONFIG[:] = [_Config(settings, RunLedger.from_environment())]
     prefect.flow_engine._termination_intent = _termination_intent  # noqa: SLF001
     prefect.runner.runner.DirectSubprocessStarter = InProcessStarter  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,6 +39,7 @@ from runners_orchestrator.deployments import GENERATED_TAG
 from runners_orchestrator.discovery import discover
 from runners_orchestrator.exceptions import ConfigurationError, OrchestratorError
 from runners_orchestrator.in_process import use_in_process_runs
+from runners_orchestrator.orphans import LEDGER_ENV, RunLedger, crash_orphans
 from runners_orchestrator.run_process import use_forkserver
 from runners_orchestrator.wake import wake_on_new_runs
 
@@ -166,8 +168,28 @@ async def serve_with_reload(
     recursively, for a module or package created there, which a workflow file may be
     waiting for; and the files matching ``data_patterns`` (the check suites'
     ``checks/**/*.toml``): a file of their extension added, changed or removed under their
-    folder.
+    folder. Whenever the command exits, the runs it left on its threads (``--start
+    in-process``) are marked ``Crashed`` (``orphans``).
     """
+    with tempfile.TemporaryDirectory(prefix="runners-orchestrator-runs-") as folder:
+        ledger = RunLedger(Path(folder))
+        env = {**os.environ, LEDGER_ENV: folder}
+        try:
+            return await _supervise(command, root, patterns, data_patterns, ledger=ledger, env=env)
+        finally:
+            if ledger.runs():
+                await _crash_orphans(ledger, "its supervisor stopped")
+
+
+async def _supervise(
+    command: Sequence[str],
+    root: Path,
+    patterns: Sequence[str],
+    data_patterns: Sequence[str],
+    *,
+    ledger: RunLedger,
+    env: dict[str, str],
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,11 +199,12 @@ async def serve_with_reload(
         watched = watched_paths(root, patterns)
         logger.debug("watching %s", ", ".join(str(p) for p in watched))
         started = loop.time()
-        child = await asyncio.create_subprocess_exec(*command, stdin=subprocess.DEVNULL)
+        child = await asyncio.create_subprocess_exec(*command, stdin=subprocess.DEVNULL, env=env)
         changed = asyncio.ensure_future(_next_change(watched, root, stop, data_patterns))
         exited = asyncio.ensure_future(child.wait())
         await asyncio.wait({changed, exited}, return_when=asyncio.FIRST_COMPLETED)
         if exited.done() and not changed.done():
+            await _crash_orphans(ledger, f"its serving process exited ({child.returncode})")
             # It stopped on its own: a broken file (wait for its fix) or Prefect unreachable
             # (try again). Each start imports Prefect anew: do not spin on a broken project.
             if loop.time() - started > RESTART_SECONDS[1]:
@@ -207,8 +230,22 @@ async def serve_with_reload(
         except TimeoutError:
             child.kill()
             await child.wait()
+        await _crash_orphans(ledger, f"its serving process was stopped ({child.returncode})")
         if stop.is_set():
             return 0
+
+
+async def _crash_orphans(ledger: RunLedger, why: str) -> None:
+    """Mark the runs a serving process left on its threads ``Crashed`` (``orphans``)."""
+    message = f"The flow run was running on a thread of a serving process, and {why}."
+    try:
+        await crash_orphans(ledger, message)
+    except Exception:  # Prefect unreachable: the runs stay listed for the next exit
+        logger.warning(
+            "could not mark the runs of the serving process crashed: %s",
+            ", ".join(str(r) for r in ledger.runs()),
+            exc_info=True,
+        )
 
 
 def _top_level_filter(root: Path) -> Callable[[Change, str], bool]:

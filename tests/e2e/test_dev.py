@@ -103,10 +103,6 @@ def dev(tmp_path_factory, pages) -> Iterator[dict[str, object]]:
             str(ports["runner"]),
             "--state-dir",
             str(state),
-            # The seed workflows' runs on threads of the serving process, here with every
-            # test of this module; the default, fork, in test_dev_prefect_restart.
-            "--start",
-            "in-process",
             "--log-level",
             "warning",
         ],
@@ -186,9 +182,9 @@ def run_to_its_end(api: str, job: dict[str, object]) -> None:
     assert done.json()["state"] == "completed", done.json()
 
 
-def test_dev_start_in_process_runs_each_flow_run_on_a_thread_of_its_serving_process(dev, pages):
-    """`dev --start in-process` passes it on to `serve-flows`: no run gets a process, and a
-    run leaves nothing open behind it in the long-lived serving process."""
+def test_dev_runs_each_flow_run_on_a_thread_of_its_serving_process(dev, pages):
+    """`dev` starts `serve-flows --start in-process` (its default): no run gets a process,
+    and a run leaves nothing open behind it in the long-lived serving process."""
     job = {"url": pages.url("/title"), "runners": ["exampleTitleVisibleTest"]}
     run_to_its_end(dev["api"], job)
     pids = descendants(dev["process"].pid)

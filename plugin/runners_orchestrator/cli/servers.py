@@ -340,8 +340,9 @@ def add_commands(commands: Any) -> None:
     dev.add_argument(
         "--start",
         choices=START_METHODS,
-        default="fork",
-        help="how serve-flows starts a run: see `serve-flows --help` (default: %(default)s)",
+        default="in-process",
+        help="how serve-flows starts a run: see `serve-flows --help`; fork to give each run "
+        "a process that outlives a crash of the serving process (default: %(default)s)",
     )
     add_log_level(dev)
     dev.set_defaults(handler=_dev)
@@ -393,7 +394,8 @@ def add_commands(commands: Any) -> None:
         default="fork",
         help="how a run starts: its process forked from a warm server (fast), spawned "
         "cold as Prefect does, or an async flow's run on a thread of this process "
-        "(fastest; a crash takes the other runs along) (default: %(default)s)",
+        "(fastest; its crash takes the runs along: with --reload they are marked crashed "
+        "at once) (default: %(default)s)",
     )
     serve_flows.add_argument(
         "--reload", action="store_true", help="restart when a workflow file changes"

@@ -289,7 +289,7 @@ def main() -> None:
         "--start",
         choices=("fork", "spawn", "in-process"),
         default=None,
-        help="dev --start: how a run starts (default: dev's own, fork)",
+        help="dev --start: how a run starts (default: dev's own, in-process)",
     )
     args = parser.parse_args()
     settings = {}

@@ -44,6 +44,8 @@ from urllib.parse import quote
 
 import httpx
 
+from runners_orchestrator.orphans import LEDGER_ENV
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
@@ -407,7 +409,10 @@ class DevStack:
             self._dead,
         )
         flows_args = ("serve-flows", "--reload", "--start", self.run_start, "--log-level", level)
-        self._start("flows", self._cli(*flows_args), env)
+        # Runs on threads of a serving process that `dev` stopped with Prefect, and so could
+        # not be marked crashed then, are at the next start (``orphans``).
+        ledger = (self.state_dir or self.project_root / ".state") / "in-process-runs"
+        self._start("flows", self._cli(*flows_args), {**env, LEDGER_ENV: str(ledger)})
         serve_args = ("serve", "--host", self.host, "--port", str(self.port), "--log-level", level)
         self._start("api", self._cli(*serve_args, "--wait-for-deployments", str(timeout)), env)
         for offset, _region in enumerate(regions):

@@ -12,7 +12,9 @@ folder the supervisor gives it (:data:`LEDGER_ENV`), made before the run starts 
 when the run ends by itself. Whenever the serving process exits, the supervisor proposes
 ``Crashed`` for every run still listed. Prefect refuses it for a run that reached a final
 state after all (a cancelled run, or one killed between its last write and the file's
-removal), so nothing final is overwritten.
+removal), so nothing final is overwritten. What it cannot tell Prefect (Prefect is down:
+``dev`` stops it beside the supervisor) stays listed; ``dev`` keeps the folder in its state
+folder, so the next start's supervisor marks those runs before it serves.
 """
 
 from __future__ import annotations

@@ -64,6 +64,9 @@ StartMethod = Literal["fork", "spawn", "in-process"]
 DEFAULT_QUERY_SECONDS = 1.0
 logger = logging.getLogger("runners_orchestrator.serving")
 
+ORPHANS_TIMEOUT = 5.0
+"""Seconds the supervisor gives Prefect to record the runs a serving process left."""
+
 RESTART_SECONDS = (2, 30)
 """``--reload``: after the server exits on its own, restart it at the next change, or after
 this delay, doubled at each exit in a row up to the second value."""
@@ -171,8 +174,16 @@ async def serve_with_reload(
     folder. Whenever the command exits, the runs it left on its threads (``--start
     in-process``) are marked ``Crashed`` (``orphans``).
     """
-    with tempfile.TemporaryDirectory(prefix="runners-orchestrator-runs-") as folder:
+    kept = os.environ.get(LEDGER_ENV)  # ``dev`` keeps it in its state folder, across starts
+    with (
+        contextlib.nullcontext(kept)
+        if kept
+        else tempfile.TemporaryDirectory(prefix="runners-orchestrator-runs-")
+    ) as folder:
         ledger = RunLedger(Path(folder))
+        ledger.folder.mkdir(parents=True, exist_ok=True)
+        if ledger.runs():  # left by the last supervisor, which could not reach Prefect
+            await _crash_orphans(ledger, "it stopped before the run ended")
         env = {**os.environ, LEDGER_ENV: folder}
         try:
             return await _supervise(command, root, patterns, data_patterns, ledger=ledger, env=env)
@@ -236,15 +247,21 @@ async def _supervise(
 
 
 async def _crash_orphans(ledger: RunLedger, why: str) -> None:
-    """Mark the runs a serving process left on its threads ``Crashed`` (``orphans``)."""
+    """Mark the runs a serving process left on its threads ``Crashed`` (``orphans``).
+
+    Bounded: a Prefect server that is down (``dev`` stops it beside this process) must not
+    hold up a restart or a shutdown; what is left stays listed for the next exit.
+    """
     message = f"The flow run was running on a thread of a serving process, and {why}."
     try:
-        await crash_orphans(ledger, message)
-    except Exception:  # Prefect unreachable: the runs stay listed for the next exit
+        await asyncio.wait_for(crash_orphans(ledger, message), ORPHANS_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - Prefect unreachable or slow: said, not raised
         logger.warning(
-            "could not mark the runs of the serving process crashed: %s",
+            "could not mark the runs of the serving process crashed (%s): %s; they stay "
+            "listed in %s, for the next exit or start",
+            f"{type(exc).__name__}: {exc}".splitlines()[0],
             ", ".join(str(r) for r in ledger.runs()),
-            exc_info=True,
+            ledger.folder,
         )
 
 

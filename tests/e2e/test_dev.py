@@ -21,6 +21,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from helpers import CLI, free_port
+from runners_orchestrator.orphans import LEDGER_ENV
 from runners_orchestrator.runner_server.engines.browser import CHROMIUM_ARGS
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ def dev(tmp_path_factory, pages) -> Iterator[dict[str, object]]:
         "lines": lines,
         "banner": "".join(seen),
         "first_start": first_start,
+        "state": state,
     }
     try:
         yield info
@@ -191,6 +193,11 @@ def test_dev_runs_each_flow_run_on_a_thread_of_its_serving_process(dev, pages):
     serving = [pid for pid in pids if "serve-flows --start in-process" in command_line(pid)]
     assert len(serving) == 1, [command_line(pid) for pid in pids]
     assert not [pid for pid in pids if "forkserver" in command_line(pid)]  # no run's process
+    # Its supervisor keeps the runs on its threads in the state folder, for the next start.
+    environ = Path(f"/proc/{serving[0]}/environ").read_bytes().split(b"\0")
+    ledger = dev["state"] / "in-process-runs"
+    assert f"{LEDGER_ENV}={ledger}".encode() in environ
+    assert ledger.is_dir()
 
     def open_files() -> int:
         time.sleep(1)  # the last run's thread has closed what it closes

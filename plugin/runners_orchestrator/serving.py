@@ -185,11 +185,7 @@ async def serve_with_reload(
         if ledger.runs():  # left by the last supervisor, which could not reach Prefect
             await _crash_orphans(ledger, "it stopped before the run ended")
         env = {**os.environ, LEDGER_ENV: folder}
-        try:
-            return await _supervise(command, root, patterns, data_patterns, ledger=ledger, env=env)
-        finally:
-            if ledger.runs():
-                await _crash_orphans(ledger, "its supervisor stopped")
+        return await _supervise(command, root, patterns, data_patterns, ledger=ledger, env=env)
 
 
 async def _supervise(

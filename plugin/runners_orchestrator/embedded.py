@@ -295,6 +295,11 @@ class DevStack:
                 return f"{child.name} (exit code {code})"
         return None
 
+    @property
+    def state_root(self) -> Path:
+        """What ``dev`` keeps between starts: ``--state-dir``, else ``.state`` in the project."""
+        return self.state_dir or self.project_root / ".state"
+
     def stop(self) -> None:
         """Stop every process group, newest first; SIGKILL what is left after 10 s."""
         for child in reversed(self.children):
@@ -324,7 +329,7 @@ class DevStack:
                 self.out(f"PREFECT_API_URL={external} does not answer; starting our own server")
             else:
                 return external.rstrip("/"), False
-        home = (self.state_dir or self.project_root / ".state") / "prefect"
+        home = self.state_root / "prefect"
         home.mkdir(parents=True, exist_ok=True)
         env["PREFECT_HOME"] = str(home)
         env.update(EMBEDDED_PREFECT_ENV)
@@ -411,7 +416,7 @@ class DevStack:
         flows_args = ("serve-flows", "--reload", "--start", self.run_start, "--log-level", level)
         # Runs on threads of a serving process that `dev` stopped with Prefect, and so could
         # not be marked crashed then, are at the next start (``orphans``).
-        ledger = (self.state_dir or self.project_root / ".state") / "in-process-runs"
+        ledger = self.state_root / "in-process-runs"
         self._start("flows", self._cli(*flows_args), {**env, LEDGER_ENV: str(ledger)})
         serve_args = ("serve", "--host", self.host, "--port", str(self.port), "--log-level", level)
         self._start("api", self._cli(*serve_args, "--wait-for-deployments", str(timeout)), env)

@@ -144,6 +144,21 @@ def test_changed_file_is_imported_again_and_unchanged_ones_are_not(project):
     assert second.get("nightly_audit").fn is audit  # not re-imported
 
 
+def test_an_unchanged_file_gives_the_same_workflow_and_flow_again(project):
+    # The API discovers every second: its workflows' flows must not be built again each time.
+    first = discover().get("nightly_audit")
+    flow = first.flow
+    again = discover().get("nightly_audit")
+    assert again is first
+    assert again.flow is flow
+    path = first.source
+    path.write_text(path.read_text() + "\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    changed = discover().get("nightly_audit")
+    assert changed is not first
+    assert changed.flow is not flow
+
+
 def test_generated_entrypoint_loads_a_flow_in_a_fresh_process(project):
     flow = load_workflow_flow("flows/checks.py:nightly_audit", project)
     assert isinstance(flow, Flow)

@@ -209,6 +209,21 @@ class _CachedFile:
     broken: BrokenFile | None
     deps: tuple[tuple[Path, Stamp | None], ...] = ()
     """The project files it imports, with their stamps when it was imported."""
+    workflows: dict[tuple[str, Path], Workflow] = field(default_factory=dict)
+    """Its workflows by name and project root, made once per version of the file."""
+
+    def workflow(self, name: str, fn: Any, path: Path, root: Path) -> Workflow:
+        """The workflow ``name`` of this version of the file, the same object every time.
+
+        What a workflow computes once (its Prefect flow and parameter schema, about 5 ms)
+        is then not computed again at every discovery: the HTTP API discovers every second,
+        and its first start after each paid for it.
+        """
+        found = self.workflows.get((name, root))
+        if found is None:
+            entrypoint = f"{path.relative_to(root)}:{name}"
+            found = self.workflows[name, root] = Workflow(name, fn, path, entrypoint)
+        return found
 
 
 _cache: dict[Path, _CachedFile] = {}
@@ -322,7 +337,7 @@ def discover(project_root: Path | None = None, patterns: Sequence[str] | None = 
             result.broken.append(scanned.broken)
             continue
         for name, fn in scanned.functions:
-            _add(result, Workflow(name, fn, path, f"{path.relative_to(root)}:{name}"))
+            _add(result, scanned.workflow(name, fn, path, root))
     return result
 
 

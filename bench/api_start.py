@@ -13,7 +13,11 @@ A. latency: `--latency-runs` sequential starts each way, alternated (ours first 
    - ours: POST /api/orchestrator/execute_single_runner {"job": ...} (expects 202);
    - raw:  POST {PREFECT_API_URL}/deployments/{id}/create_flow_run
            {"parameters": {"job": ...}} (expects 201);
-   p50/p95 of each and the ratio ours/raw.
+   - bare ASGI: the same raw request through `bench/bare_proxy.py asgi`, an ASGI callable
+           on uvicorn that forwards it (the second HTTP exchange alone);
+   - bare Litestar: the same through `bench/bare_proxy.py litestar`, one Litestar route
+           handler that forwards it (the framework on top, still no validation);
+   p50/p95 of each and each one's ratio to raw.
 B. load: `--clients` concurrent clients, each making `--per-client` sequential starts, through
    our API and then straight at Prefect with a plain httpx client that does not retry:
    successful starts/s, p95 latency, non-2xx answers (503s counted apart) and transport
@@ -296,17 +300,26 @@ def main() -> None:
         procs.start("api", [*cli, "serve", "--port", str(api_port), "--log-level", "warning"], env)
         procs.wait_for("api", lambda: status_is(ours_base, 200), "GET /api/orchestrator 200")
 
+        create = f"{prefect_api}/deployments/{deployment_id}/create_flow_run"
+        bare_urls = {}
+        for kind in ("asgi", "litestar"):
+            port = free_port()
+            log(f"bare {kind} proxy on :{port}")
+            proxy = ROOT / "bench" / "bare_proxy.py"
+            procs.start(f"bare-{kind}", [sys.executable, str(proxy), kind, str(port), create], env)
+            url = bare_urls[kind] = f"http://127.0.0.1:{port}/"
+            procs.wait_for(f"bare-{kind}", lambda u=url: status_is(u, 200), "GET / 200")
+
         ours = Target("ours", f"{ours_base}/{WORKFLOW}", {"job": JOB}, OURS_STATUS)
-        raw = Target(
-            "raw",
-            f"{prefect_api}/deployments/{deployment_id}/create_flow_run",
-            {"parameters": {"job": JOB}},
-            RAW_STATUS,
+        raw = Target("raw", create, {"parameters": {"job": JOB}}, RAW_STATUS)
+        bare_asgi, bare_litestar = (
+            Target(f"bare {kind}", bare_urls[kind], {"parameters": {"job": JOB}}, RAW_STATUS)
+            for kind in ("asgi", "litestar")
         )
 
         log(f"A: {args.latency_runs} sequential starts each way, alternated")
-        (lat_ours, lat_raw), warmed = asyncio.run(
-            latency([ours, raw], args.latency_runs, args.warmup)
+        (lat_ours, lat_raw, lat_asgi, lat_litestar), warmed = asyncio.run(
+            latency([ours, raw, bare_asgi, bare_litestar], args.latency_runs, args.warmup)
         )
         procs.check_alive()
         log(f"B: {args.clients} clients x {args.per_client} starts, ours then raw")
@@ -320,7 +333,10 @@ def main() -> None:
             json={"deployments": {"id": {"any_": [deployment_id]}}},
             timeout=30,
         ).json()
-        answered = sum(len(t.latencies) for t in (lat_ours, lat_raw, load_ours, load_raw))
+        answered = sum(
+            len(t.latencies)
+            for t in (lat_ours, lat_raw, lat_asgi, lat_litestar, load_ours, load_raw)
+        )
         answered += warmed
 
         cpu = os.cpu_count()
@@ -337,14 +353,21 @@ def main() -> None:
         for name, tally in (
             (f"ours: POST .../{WORKFLOW} ({OURS_STATUS})", lat_ours),
             (f"raw:  POST .../create_flow_run ({RAW_STATUS})", lat_raw),
+            (f"bare ASGI: raw through bare_proxy ({RAW_STATUS})", lat_asgi),
+            (f"bare Litestar: raw through it ({RAW_STATUS})", lat_litestar),
         ):
             print(
                 f"{name:<44}{len(tally.latencies):>6}{tally.quantile_ms(50):9.1f}"
                 f"{tally.quantile_ms(95):9.1f}{tally.max_ms():9.1f}  {tally.detail()}"
             )
-        p50 = lat_ours.quantile_ms(50) / lat_raw.quantile_ms(50)
-        p95 = lat_ours.quantile_ms(95) / lat_raw.quantile_ms(95)
-        print(f"{'ratio ours/raw':<44}{'':>6}{p50:9.2f}{p95:9.2f}")
+        for name, tally in (
+            ("ours", lat_ours),
+            ("bare ASGI", lat_asgi),
+            ("bare Litestar", lat_litestar),
+        ):
+            p50 = tally.quantile_ms(50) / lat_raw.quantile_ms(50)
+            p95 = tally.quantile_ms(95) / lat_raw.quantile_ms(95)
+            print(f"{'ratio ' + name + '/raw':<44}{'':>6}{p50:9.2f}{p95:9.2f}")
         print()
         total = args.clients * args.per_client
         print(

@@ -267,8 +267,7 @@ class PrefectBackend:
             _, parameters = bind_parameters(workflow, body)
         except ApiError as exc:
             raise RunStartError(exc.message) from None
-        flow_run = await self.gateway.start(workflow, parameters, None)
-        return str(flow_run.id)
+        return str(await self.gateway.start(workflow, parameters, None))
 
     async def start_suite(
         self, suite: str, tags: list[str], regions: list[str]
@@ -290,10 +289,8 @@ class PrefectBackend:
         except (OrchestratorError, ValueError) as exc:
             problems = [line for line in scan.problems if f"{suite}.toml" in line]
             raise RunStartError("; ".join([str(exc), *problems])) from None
-        flow_run = await self.gateway.start(
-            workflow, run.parameters, None, run.suite.deployment_name
-        )
-        return workflow.name, str(flow_run.id), run.job_count
+        run_id = await self.gateway.start(workflow, run.parameters, None, run.suite.deployment_name)
+        return workflow.name, str(run_id), run.job_count
 
     async def state(self, name: str, run_id: str) -> RunState:
         """Read the flow run, its progress and, once completed, its result."""

@@ -283,8 +283,7 @@ class OrchestratorController(Controller):
         deployment = suite_run.suite.deployment_name if suite_run is not None else None
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key: 1 to 255 characters")
-        flow_run = await prefect.start(workflow, parameters, key, deployment)
-        run_id = str(flow_run.id)
+        run_id = str(await prefect.start(workflow, parameters, key, deployment))
         started: dict[str, Any] = {
             "runId": run_id,
             "orchestrator": workflow.name,

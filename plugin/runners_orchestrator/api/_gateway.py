@@ -17,9 +17,9 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
 
 import httpx
-from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -30,7 +30,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings, get_current_settings
-from prefect.states import Cancelled, Cancelling, Scheduled, to_state_create
+from prefect.states import Cancelled, Cancelling
 
 from runners_orchestrator.exceptions import PrefectUnavailableError, RunNotFoundError
 from runners_orchestrator.reporting import read_progress
@@ -38,7 +38,6 @@ from runners_orchestrator.results import read_result
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
-    from uuid import UUID
 
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import State
@@ -193,17 +192,20 @@ class PrefectGateway:
         parameters: dict[str, Any],
         idempotency_key: str | None,
         deployment: str | None = None,
-    ) -> FlowRun:
-        """Create a flow run of ``workflow``'s deployment (or of its ``deployment``)."""
+    ) -> UUID:
+        """Create a flow run of ``workflow``'s deployment (or of its ``deployment``); its id.
+
+        The body is built as JSON directly (``parameters`` are JSON already; without a
+        state Prefect schedules the run now) and only the id is read from the answer:
+        Prefect's own models for both cost a tenth of the API's CPU per start (py-spy).
+        """
         full_name = workflow.deployment_name(deployment)
         deployment_id = await self.deployment_id(workflow, deployment)
+        body: dict[str, Any] = {"parameters": parameters}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
 
-        async def create() -> FlowRun:
-            body = DeploymentFlowRunCreate(
-                parameters=parameters,
-                state=to_state_create(Scheduled()),
-                idempotency_key=idempotency_key,
-            ).model_dump(mode="json", exclude_unset=True)
+        async def create() -> UUID:
             response = await self._http.post(
                 f"deployments/{deployment_id}/create_flow_run", json=body
             )
@@ -218,7 +220,7 @@ class PrefectGateway:
             ):
                 raise PrefectRefusedError(response.status_code, _detail(response))
             response.raise_for_status()
-            return FlowRun.model_validate(response.json())
+            return UUID(response.json()["id"])
 
         # A start keeps its write slot through its retries: requests are served in the
         # order they got a slot, so none starves behind newcomers while SQLite is busy.

@@ -9,6 +9,10 @@ folder, a local page server). Then, alternated, ``--runs`` times each, one after
   ``Completed``, with no deployment, no runner picking it up, no API and no work.
 - **bare flow, 1 task** and **bare flow, 20 tasks** (gathered): the same with task runs
   that return at once, what Prefect's per-job task run adds.
+- **bare flow served by Prefect**: the same bare flow (``bench/floor_flow.py``) as a
+  deployment on Prefect's own ``Runner`` in this process (a process per run, as
+  ``flow.serve()`` runs it; polling every 0.1 s where its default is 10 s), a run created
+  from the deployment and read until ``Completed``: the served path without our code.
 - **one instant job**: ``POST /api/orchestrator/orchestrate_runners`` with one job of an
   instant page, read from the API until its result is served (`end_to_end.through_api`).
 
@@ -27,7 +31,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from end_to_end import Stack, jobs_for, load, pct, running_stack, through_api
 
@@ -35,10 +39,24 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
 
-def _cases(stack: Stack) -> dict[str, Callable[[], Awaitable[object]]]:
-    # Prefect reads its settings at import: point it at the stack's server first.
-    os.environ["PREFECT_API_URL"] = stack.prefect
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = tempfile.mkdtemp(prefix="prefect-floor-")
+async def _served(deployment_id: Any) -> None:
+    """A run of the served bare flow, from its creation until Prefect has it Completed."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id)
+        while True:
+            state = (await client.read_flow_run(run.id)).state
+            if state is not None and state.is_final():
+                break
+            await asyncio.sleep(0.01)
+    if not state.is_completed():
+        raise SystemExit(f"the served bare flow's run ended {state.type}: {state.message}")
+
+
+def _cases(
+    stack: Stack, served: Callable[[], Awaitable[object]]
+) -> dict[str, Callable[[], Awaitable[object]]]:
     from prefect import flow, task
 
     @task
@@ -64,12 +82,22 @@ def _cases(stack: Stack) -> dict[str, Callable[[], Awaitable[object]]]:
         "bare flow": bare,
         "bare flow, 1 task": bare_1_task,
         "bare flow, 20 tasks": bare_20_tasks,
+        "bare flow served by Prefect's Runner": served,
         "one instant job through the API": instant,
     }
 
 
 async def bench(stack: Stack, runs: int) -> None:
-    cases = _cases(stack)
+    # Prefect reads its settings at import: point it at the stack's server first.
+    os.environ["PREFECT_API_URL"] = stack.prefect
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = tempfile.mkdtemp(prefix="prefect-floor-")
+    from floor_flow import bare_served
+    from prefect.runner import Runner
+
+    runner = Runner(name="prefect-floor", query_seconds=0.1, pause_on_shutdown=False)
+    deployment_id = await runner.aadd_flow(bare_served, name="floor")
+    serving = asyncio.create_task(runner.start())
+    cases = _cases(stack, lambda: _served(deployment_id))
     times: dict[str, list[float]] = {name: [] for name in cases}
     for call in cases.values():  # the first call of each pays imports and caches
         await call()
@@ -86,6 +114,8 @@ async def bench(stack: Stack, runs: int) -> None:
             flush=True,
         )
     print(f"load {load()}", flush=True)
+    await runner.stop()
+    serving.cancel()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import async_playwright
 
-from helpers import CLI, free_port
+from helpers import CLI, descendants, free_port
 from runners_orchestrator.orphans import LEDGER_ENV
 from runners_orchestrator.runner_server.engines.browser import CHROMIUM_ARGS
 
@@ -29,27 +29,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).parents[2]
 PREFIX = "/api/orchestrator"
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid``, whatever its session or group."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:
